@@ -1,0 +1,103 @@
+"""Tokenizer and chat template of a llama.cpp model, for both the drafter and the verifier.
+
+Imports llama-cpp-python, which both the ``agent`` and ``verifier`` extras install; the rest of
+``shared`` does not depend on it.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from shared.protocol import ChatMessage
+
+_VOCAB_TYPES = {1: "SentencePiece", 2: "byte-level BPE", 3: "WordPiece", 4: "Unigram", 5: "RWKV"}
+
+
+class ChatTemplateError(ValueError):
+    """The model has no chat template, or it failed to render the conversation."""
+
+
+class LlamaText:
+    """Text side of one loaded llama.cpp model: encode/decode bytes and render chat prompts.
+
+    Pieces are cached: alignment asks for the same ids over and over.
+    """
+
+    def __init__(self, model: llama_cpp.llama_model_p) -> None:
+        self._model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.kind: str = _VOCAB_TYPES.get(llama_cpp.llama_vocab_type(self.vocab), "unknown")
+        self._pieces: dict[int, bytes] = {}
+        template = llama_cpp.llama_model_chat_template(model, None)
+        self.chat_template: str | None = template.decode() if template else None
+
+    # --- the alignment Tokenizer protocol -------------------------------------------------
+    def encode(self, text: bytes) -> list[int]:
+        """Plain text to ids: no BOS, special-token syntax is treated as text."""
+        return self.tokenize(text, add_bos=False, parse_special=False)
+
+    def piece(self, token: int) -> bytes:
+        """Bytes the token contributes to the text; empty for control tokens (BOS, EOS, turn markers)."""
+        p = self._pieces.get(token)
+        if p is None:
+            p = self._pieces[token] = self._token_bytes(token, special=False)
+        return p
+
+    # ---------------------------------------------------------------------------------------
+    def tokenize(self, text: bytes, add_bos: bool, parse_special: bool) -> list[int]:
+        cap = len(text) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, text, len(text), buf, cap, add_bos, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, text, len(text), buf, cap, add_bos, parse_special)
+        return list(buf[:n])
+
+    def _token_bytes(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def text(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.piece(t) for t in ids)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def is_control(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_control(self.vocab, token)) or self.is_eog(token)
+
+    def prompt_ids(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> list[int]:
+        """Ids of a raw prompt (continued as is) or of a chat rendered with this model's template,
+        ending where the assistant's reply begins."""
+        if messages is None:
+            assert prompt is not None
+            return self.tokenize(prompt.encode(), add_bos=self.add_bos, parse_special=False)
+        rendered = self.render_chat(messages)
+        bos_text = self._token_bytes(self.bos, special=True) if self.bos >= 0 else b""
+        # Templates usually write the BOS themselves; never add a second one.
+        add_bos = self.add_bos and not (bos_text and rendered.startswith(bos_text))
+        return self.tokenize(rendered, add_bos=add_bos, parse_special=True)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> bytes:
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; send a raw prompt instead")
+        bos = self._token_bytes(self.bos, special=True).decode(errors="replace") if self.bos >= 0 else ""
+        eos = self._token_bytes(self.eos, special=True).decode(errors="replace") if self.eos >= 0 else ""
+        try:
+            formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos)
+            result = formatter(messages=[m.model_dump() for m in messages])
+        except Exception as e:  # jinja raises many types, including on template logic errors
+            raise ChatTemplateError(f"chat template failed to render: {e}") from None
+        return result.prompt.encode()
