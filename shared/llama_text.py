@@ -6,6 +6,7 @@ Imports llama-cpp-python, which both the ``agent`` and ``verifier`` extras insta
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Sequence
 
 import llama_cpp
@@ -14,6 +15,20 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from shared.protocol import ChatMessage
 
 _VOCAB_TYPES = {1: "SentencePiece", 2: "byte-level BPE", 3: "WordPiece", 4: "Unigram", 5: "RWKV"}
+
+
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+@llama_cpp.llama_log_callback
+def _errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR:
+        os.write(2, text)
+
+
+def quiet_llama_logs() -> None:
+    """llama.cpp logs every model load to stderr; keep its errors only."""
+    llama_cpp.llama_log_set(_errors_only, ctypes.c_void_p(0))
 
 
 class ChatTemplateError(ValueError):

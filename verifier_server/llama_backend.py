@@ -1,0 +1,117 @@
+"""Target model on llama.cpp through llama-cpp-python's low-level API.
+
+The high-level ``Llama`` class holds a single sequence; verifying many devices in one forward pass
+needs a context with ``n_seq_max`` sequences, one per session slot, and per-sequence KV rollback.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from shared.llama_text import LlamaText, quiet_llama_logs
+from verifier_server.backend import ForwardItem
+
+
+class BackendError(RuntimeError):
+    """The model could not be loaded or a forward pass failed."""
+
+
+class LlamaBackend:
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_name: str,
+        n_slots: int = 8,
+        ctx_per_slot: int = 2048,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        self.model_name = model_name
+        self.n_slots = n_slots
+        self.ctx_per_slot = ctx_per_slot
+        self.n_batch = n_batch
+        quiet_llama_logs()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {model_path}")
+        self.text = LlamaText(self._model)
+        self.n_params = int(llama_cpp.llama_model_n_params(self._model))
+        self.model_bytes = int(llama_cpp.llama_model_size(self._model))
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_slots * ctx_per_slot
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = True  # one pool: a session may use what idle slots leave free
+        cparams.swa_full = True  # sliding-window layers must keep every position for rollback
+        threads = n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise BackendError("llama.cpp could not create a context (out of memory?)")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._check_rollback()
+
+    def _check_rollback(self) -> None:
+        """Rolling back rejected positions must work for this model (it does not for recurrent ones)."""
+        tokens = self.text.encode(b"a b")[:2] or [0, 0]
+        self._decode([ForwardItem(0, 0, tokens, 0)])
+        ok = llama_cpp.llama_memory_seq_rm(self._mem, 0, 1, -1)
+        llama_cpp.llama_memory_clear(self._mem, True)
+        if not ok:
+            raise BackendError(f"{self.model_name}: KV rollback is not supported for this model")
+
+    def forward(self, items: Sequence[ForwardItem]) -> list[np.ndarray]:
+        for it in items:
+            llama_cpp.llama_memory_seq_rm(self._mem, it.slot, it.pos, -1)
+        rows = self._decode(items)
+        out: list[np.ndarray] = []
+        for it, start in zip(items, rows):
+            logits = np.empty((it.n_logits, self.text.n_vocab), dtype=np.float32)
+            for j in range(it.n_logits):
+                ptr = llama_cpp.llama_get_logits_ith(self._ctx, start + j)
+                logits[j] = np.ctypeslib.as_array(ptr, shape=(self.text.n_vocab,))
+            out.append(logits)
+        return out
+
+    def _decode(self, items: Sequence[ForwardItem]) -> list[int]:
+        """Fill the batch and decode; returns each item's first logits row index in the batch."""
+        b = self._batch
+        n = 0
+        starts = []
+        for it in items:
+            first_logit = len(it.tokens) - it.n_logits
+            starts.append(n + first_logit)
+            for j, tok in enumerate(it.tokens):
+                b.token[n] = tok
+                b.pos[n] = it.pos + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = it.slot
+                b.logits[n] = j >= first_logit
+                n += 1
+        if n > self.n_batch:
+            raise BackendError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc} ({n} tokens)")
+        return starts
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None

@@ -1,0 +1,148 @@
+"""Batches the forward work of all sessions into shared forward passes.
+
+Verify rounds and prompt prefills from every device queue here; one worker thread owns the backend
+and repeatedly takes what is waiting (after a short window that lets concurrent rounds meet), up to
+a token budget, and runs it as one forward pass. Long prefills are split into chunks so that they
+never stall other devices' rounds for more than one budget's worth of tokens. The asyncio side only
+awaits futures, so the event loop keeps serving while the model runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verifier_server.backend import Backend, ForwardItem
+
+
+@dataclass
+class _Job:
+    slot: int
+    pos: int
+    tokens: list[int]
+    n_logits: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the benchmark and the draft-length hint read."""
+
+    forward_passes: int = 0
+    positions: int = 0
+    busy_s: float = 0.0
+    # Recent (batch tokens, seconds, rounds answered) of each pass: the measured cost curve.
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, token_budget: int, wait_window_s: float = 0.002) -> None:
+        self.backend = backend
+        self.token_budget = token_budget
+        self.wait_window_s = wait_window_s
+        self.stats = SchedulerStats()
+        self._queue: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="sled-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_tokens(self) -> int:
+        with self._cv:
+            return sum(len(j.tokens) for j in self._queue)
+
+    async def forward(self, slot: int, pos: int, tokens: list[int], n_logits: int) -> np.ndarray:
+        """Evaluate ``tokens`` for ``slot`` from ``pos`` on (discarding whatever the slot held there)
+        and return the logits of the last ``n_logits`` of them."""
+        if n_logits > self.token_budget:
+            raise ValueError(f"{n_logits} logit positions exceed the token budget {self.token_budget}")
+        loop = asyncio.get_running_loop()
+        job = _Job(slot, pos, list(tokens), n_logits, loop.create_future(), loop)
+        with self._cv:
+            self._queue.append(job)
+            self._cv.notify()
+        return await job.future
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _take(self) -> tuple[list[ForwardItem], list[_Job]]:
+        """Pop work up to the token budget; a job too large for what is left is split, and its
+        remainder goes back to the front of the queue (chunked prefill)."""
+        items: list[ForwardItem] = []
+        done: list[_Job] = []
+        budget = self.token_budget
+        while self._queue and budget > 0:
+            job = self._queue[0]
+            if len(job.tokens) <= budget:
+                self._queue.popleft()
+                items.append(ForwardItem(job.slot, job.pos, job.tokens, job.n_logits))
+                done.append(job)
+                budget -= len(job.tokens)
+                continue
+            # Split off a chunk that needs no logits; the logit positions stay with the remainder.
+            chunk = min(budget, len(job.tokens) - job.n_logits)
+            if chunk <= 0:
+                break
+            items.append(ForwardItem(job.slot, job.pos, job.tokens[:chunk], 0))
+            job.pos += chunk
+            job.tokens = job.tokens[chunk:]
+            budget -= chunk
+            break
+        return items, done
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+            if self.wait_window_s > 0:
+                time.sleep(self.wait_window_s)
+            with self._cv:
+                items, done = self._take()
+            if not items:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = self.backend.forward(items)
+            except Exception as e:  # answer every waiting round, keep the worker alive
+                for job in done:
+                    job.loop.call_soon_threadsafe(_set_exception, job.future, e)
+                # a split job whose chunk failed cannot continue either
+                with self._cv:
+                    failed = {it.slot for it in items}
+                    for job in [j for j in self._queue if j.slot in failed]:
+                        self._queue.remove(job)
+                        job.loop.call_soon_threadsafe(_set_exception, job.future, e)
+                continue
+            dt = time.perf_counter() - t0
+            n = sum(len(it.tokens) for it in items)
+            self.stats.forward_passes += 1
+            self.stats.positions += n
+            self.stats.busy_s += dt
+            self.stats.recent.append((n, dt, len(done)))
+            # ``done`` jobs are the leading items; a trailing split chunk has no result to deliver.
+            for job, logits in zip(done, results):
+                job.loop.call_soon_threadsafe(_set_result, job.future, logits)
+
+
+def _set_result(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
