@@ -74,3 +74,17 @@ def continuation_ids(
         pos += len(tok.piece(t))
     # Boundary merge: the tokenizer spans the end of the existing text. Tokenize the new bytes alone.
     return matching_prefix(tok, tok.encode(text), text)
+
+
+def spell(tok: Tokenizer, existing: Sequence[int], text: bytes, window: int = DEFAULT_WINDOW) -> list[int]:
+    """Like ``continuation_ids`` but covering *all* of ``text`` (a model's own context must not
+    lose bytes): what left-context alignment cannot place is tokenized piecewise on its own."""
+    ids = continuation_ids(tok, existing, text, window)
+    covered = len(text_of(tok, ids))
+    while covered < len(text):
+        more = matching_prefix(tok, tok.encode(text[covered:]), text[covered:])
+        if not more:
+            raise ValueError(f"the tokenizer cannot spell {text[covered:covered + 16]!r}")
+        ids += more
+        covered += len(text_of(tok, more))
+    return ids

@@ -93,12 +93,21 @@ class LlamaText:
     def is_control(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_control(self.vocab, token)) or self.is_eog(token)
 
-    def prompt_ids(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | None, messages: Sequence[ChatMessage] | None, transcript_fallback: bool = False
+    ) -> list[int]:
         """Ids of a raw prompt (continued as is) or of a chat rendered with this model's template,
-        ending where the assistant's reply begins."""
+        ending where the assistant's reply begins.
+
+        ``transcript_fallback`` lets a model without a template (a base-model drafter) read the
+        chat as a plain transcript: its drafts only need to be plausible, never exact.
+        """
         if messages is None:
             assert prompt is not None
             return self.tokenize(prompt.encode(), add_bos=self.add_bos, parse_special=False)
+        if not self.chat_template and transcript_fallback:
+            lines = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages)
+            return self.tokenize(f"{lines}Assistant:".encode(), add_bos=self.add_bos, parse_special=False)
         rendered = self.render_chat(messages)
         bos_text = self._token_bytes(self.bos, special=True) if self.bos >= 0 else b""
         # Templates usually write the BOS themselves; never add a second one.

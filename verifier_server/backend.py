@@ -45,6 +45,9 @@ class Backend(Protocol):
     text: TargetText
     n_slots: int
     ctx_per_slot: int
+    max_batch_tokens: int
+    n_params: int
+    model_bytes: int
 
     def forward(self, items: Sequence[ForwardItem]) -> list[np.ndarray]:
         """One batched forward pass; returns, per item, logits of shape (n_logits, n_vocab)."""

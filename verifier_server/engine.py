@@ -110,6 +110,21 @@ class Engine:
             ),
         )
 
+    def stats(self) -> dict:
+        """Counters for monitoring and the benchmark."""
+        st = self.scheduler.stats
+        return {
+            "sessions": len(self.sessions),
+            "slots_in_use": self.slots.in_use,
+            "rounds": self.rounds,
+            "committed_tokens": self.committed_tokens,
+            "forward_passes": st.forward_passes,
+            "positions": st.positions,
+            "busy_s": st.busy_s,
+            "cost_alpha_s": self.hint.alpha,
+            "cost_beta_s": self.hint.beta,
+        }
+
     # --- sessions -----------------------------------------------------------------------------
     async def create(self, req: SessionCreate) -> SessionCreated:
         self.expire_idle()
@@ -183,6 +198,10 @@ class Engine:
             if s.finished:  # finished at creation (a resumed session that had already ended)
                 return self._respond(s, req, [], 0, 0)
             draft = req.draft[: complete_prefix_len(req.draft)]
+            # The device's text ends where the last answer did; bytes committed but held back
+            # since (an incomplete character, a possible stop string) must open the draft.
+            pending = bytes(s.text[s.sent :])
+            draft = draft[len(pending) :] if draft.startswith(pending) else b""
             room = min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1)
             candidates = continuation_ids(self.backend.text, s.ids, draft)[: max(room, 0)]
             logits = await self._forward(s, candidates)

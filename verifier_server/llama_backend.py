@@ -36,7 +36,7 @@ class LlamaBackend:
         self.model_name = model_name
         self.n_slots = n_slots
         self.ctx_per_slot = ctx_per_slot
-        self.n_batch = n_batch
+        self.max_batch_tokens = n_batch
         quiet_llama_logs()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -101,8 +101,8 @@ class LlamaBackend:
                 b.seq_id[n][0] = it.slot
                 b.logits[n] = j >= first_logit
                 n += 1
-        if n > self.n_batch:
-            raise BackendError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        if n > self.max_batch_tokens:
+            raise BackendError(f"batch of {n} tokens exceeds n_batch={self.max_batch_tokens}")
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:

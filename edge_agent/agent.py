@@ -1,0 +1,122 @@
+"""The agent's generation loop: draft, send bytes, take the committed span, repeat."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.drafter import Drafter
+from shared.protocol import ChatMessage, FinishReason, SessionCreate
+
+# Measured on a 2-core CPU (README, "Choosing the draft length"): the verifier's hint caps it anyway.
+DEFAULT_DRAFT_TOKENS = 6
+
+
+@dataclass
+class GenerationResult:
+    text: bytes = b""
+    ids: list[int] = field(default_factory=list)  # committed target ids: opaque, kept for recovery
+    rounds: int = 0
+    draft_tokens: int = 0  # drafter tokens sent
+    accepted_draft_tokens: int = 0  # drafter tokens whose bytes the verifier committed
+    elapsed_s: float = 0.0
+    finish_reason: FinishReason | None = None
+    round_latencies_s: list[float] = field(default_factory=list)
+    resumed: int = 0  # times the session was re-created from its ids
+
+    @property
+    def committed_tokens(self) -> int:
+        return len(self.ids)
+
+    def summary(self) -> dict:
+        rounds = max(self.rounds, 1)
+        return {
+            "text": self.text.decode(errors="replace"),
+            "rounds": self.rounds,
+            "committed_tokens": self.committed_tokens,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "draft_acceptance": round(self.accepted_draft_tokens / max(self.draft_tokens, 1), 4),
+            "tokens_per_round": round(self.committed_tokens / rounds, 3),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "tokens_per_s": round(self.committed_tokens / max(self.elapsed_s, 1e-9), 2),
+            "finish_reason": self.finish_reason,
+        }
+
+
+def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
+    """How many draft tokens lie wholly inside the accepted byte prefix."""
+    n, end = 0, 0
+    for p in pieces:
+        end += len(p)
+        if end > accepted_bytes:
+            break
+        n += 1
+    return n
+
+
+class Agent:
+    def __init__(
+        self,
+        client: VerifierClient,
+        drafter: Drafter | None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        follow_hint: bool = True,
+    ) -> None:
+        self.client = client
+        self.drafter = drafter
+        self.draft_tokens = draft_tokens if drafter is not None else 0
+        self.follow_hint = follow_hint
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        messages: list[ChatMessage] | None = None,
+        max_tokens: int = 128,
+        stop: list[str] | None = None,
+        on_text: Callable[[bytes], None] | None = None,
+    ) -> GenerationResult:
+        request = SessionCreate(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop or [])
+        result = GenerationResult()
+        t0 = time.perf_counter()
+        created = self.client.create_session(request)
+        session, hint, round_no = created.session_id, created.max_draft_tokens, 1
+        if self.drafter is not None:
+            self.drafter.start(prompt, messages)
+        try:
+            while True:
+                k = min(self.draft_tokens, hint) if self.follow_hint else self.draft_tokens
+                pieces = self.drafter.draft(k) if self.drafter is not None and k > 0 else []
+                draft = b"".join(pieces)
+                t_round = time.perf_counter()
+                try:
+                    resp = self.client.verify(session, round_no, draft)
+                except VerifierError as e:
+                    if e.status != 404:
+                        raise
+                    # The session is gone (server restarted, or another replica): rebuild it from
+                    # the ids committed so far; output continues exactly where it was.
+                    resumed = request.model_copy(update={"resume_ids": list(result.ids)})
+                    session, round_no = self.client.create_session(resumed).session_id, 1
+                    result.resumed += 1
+                    continue
+                result.round_latencies_s.append(time.perf_counter() - t_round)
+                result.rounds += 1
+                result.draft_tokens += len(pieces)
+                result.accepted_draft_tokens += accepted_pieces(pieces, resp.accepted_bytes)
+                result.ids += resp.ids
+                result.text += resp.text
+                if resp.text:
+                    if on_text is not None:
+                        on_text(resp.text)
+                    if self.drafter is not None:
+                        self.drafter.commit(resp.text)
+                hint, round_no = resp.max_draft_tokens, round_no + 1
+                if resp.finished:
+                    result.finish_reason = resp.finish_reason
+                    break
+        finally:
+            self.client.delete_session(session)
+        result.elapsed_s = time.perf_counter() - t0
+        return result

@@ -1,0 +1,69 @@
+"""The device's drafter: a small GGUF model with its own tokenizer, through llama-cpp-python.
+
+The drafter keeps its own token view of the committed text. New committed bytes are re-tokenized
+with left context (shared alignment) and the KV cache is reused up to the longest common token
+prefix with what it already evaluated, so an accepted draft costs no re-evaluation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import llama_cpp
+
+from shared.alignment import spell
+from shared.llama_text import LlamaText, quiet_llama_logs
+from shared.protocol import ChatMessage
+from shared.utf8 import common_prefix_len
+
+
+class Drafter:
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+        quiet_llama_logs()
+        self.llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads or os.cpu_count(),
+            verbose=False,
+        )
+        self.text = LlamaText(self.llm.model)
+        self.tokens: list[int] = []  # prompt + committed text, in drafter ids
+
+    def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
+        """Begin a generation; each side renders a chat with its own template."""
+        self.tokens = self.text.prompt_ids(prompt, messages, transcript_fallback=True)
+
+    def commit(self, text: bytes) -> None:
+        """Append committed text (complete UTF-8 from the verifier) to the drafter's context."""
+        self.tokens += spell(self.text, self.tokens, text)
+
+    def draft(self, k: int) -> list[bytes]:
+        """Greedy draft of up to ``k`` tokens after the committed text, as each token's bytes.
+
+        Stops at the drafter's end-of-generation; other control tokens are dropped from the text.
+        """
+        if k <= 0 or not self.tokens:
+            return []
+        self._sync()
+        pieces: list[bytes] = []
+        for i in range(k):
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.text.n_vocab,)
+            )
+            tok = int(logits.argmax())
+            if self.text.is_eog(tok):
+                break
+            if not self.text.is_control(tok):
+                pieces.append(self.text.piece(tok))
+            if i + 1 < k:
+                self.llm.eval([tok])
+        return pieces
+
+    def _sync(self) -> None:
+        """Make the KV cache hold ``self.tokens``, keeping the longest prefix it already has."""
+        held = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        keep = min(common_prefix_len(held, self.tokens), len(self.tokens) - 1)  # re-eval the last
+        self.llm.n_tokens = keep
+        self.llm.eval(self.tokens[keep:])
