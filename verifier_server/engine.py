@@ -123,6 +123,7 @@ class Engine:
             "busy_s": st.busy_s,
             "cost_alpha_s": self.hint.alpha,
             "cost_beta_s": self.hint.beta,
+            "batch_sizes": {str(b): c for b, c in sorted(st.batch_sizes.items())},
         }
 
     # --- sessions -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,8 @@ class SchedulerStats:
     busy_s: float = 0.0
     # Recent (batch tokens, seconds, rounds answered) of each pass: the measured cost curve.
     recent: deque = field(default_factory=lambda: deque(maxlen=256))
+    # Every pass's token count (B -> passes): replayed by the benchmark through a GPU cost model.
+    batch_sizes: Counter = field(default_factory=Counter)
 
 
 class Scheduler:
@@ -132,6 +134,7 @@ class Scheduler:
             self.stats.positions += n
             self.stats.busy_s += dt
             self.stats.recent.append((n, dt, len(done)))
+            self.stats.batch_sizes[n] += 1
             # ``done`` jobs are the leading items; a trailing split chunk has no result to deliver.
             for job, logits in zip(done, results):
                 job.loop.call_soon_threadsafe(_set_result, job.future, logits)
