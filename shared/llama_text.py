@@ -12,7 +12,7 @@ from typing import Sequence
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from shared.protocol import ChatMessage
+from shared.protocol import ChatMessage, chat_transcript
 
 _VOCAB_TYPES = {1: "SentencePiece", 2: "byte-level BPE", 3: "WordPiece", 4: "Unigram", 5: "RWKV"}
 
@@ -106,8 +106,8 @@ class LlamaText:
             assert prompt is not None
             return self.tokenize(prompt.encode(), add_bos=self.add_bos, parse_special=False)
         if not self.chat_template and transcript_fallback:
-            lines = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages)
-            return self.tokenize(f"{lines}Assistant:".encode(), add_bos=self.add_bos, parse_special=False)
+            text = chat_transcript(list(messages)).encode()
+            return self.tokenize(text, add_bos=self.add_bos, parse_special=False)
         rendered = self.render_chat(messages)
         bos_text = self._token_bytes(self.bos, special=True) if self.bos >= 0 else b""
         # Templates usually write the BOS themselves; never add a second one.

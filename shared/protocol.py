@@ -25,6 +25,12 @@ class ChatMessage(_Message):
     content: str
 
 
+def chat_transcript(messages: list[ChatMessage]) -> str:
+    """A conversation as plain text ending where the assistant speaks, for models without a chat
+    template (a base-model drafter reads a chat this way)."""
+    return "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages) + "Assistant:"
+
+
 class SessionCreate(_Message):
     """Open a generation session: a raw prompt continued as is, or chat messages that the verifier
     renders with the target's own chat template.

@@ -36,3 +36,27 @@ def greedy_reference(backend: Backend, prompt: list[int], max_tokens: int, slot:
             break
         ref.text += backend.text.piece(last)
     return ref
+
+
+# Batched and one-by-one forward passes differ in the last bits of the logits; a divergence from
+# the reference is accepted only where the reference's top-2 logit gap is below this.
+NEAR_TIE_GAP = 0.5
+
+
+@dataclass
+class Verdict:
+    kind: str  # "identical", "near_tie" or "diverged"
+    position: int = -1
+    gap: float = 0.0
+
+
+def judge(ids: list[int], ref: Reference) -> Verdict:
+    """The lossless rule: ``ids`` equal the reference, or first differ where it was a near-tie."""
+    n = min(len(ids), len(ref.ids))
+    for i in range(n):
+        if ids[i] != ref.ids[i]:
+            kind = "near_tie" if ref.gaps[i] < NEAR_TIE_GAP else "diverged"
+            return Verdict(kind, i, ref.gaps[i])
+    if len(ids) != len(ref.ids):
+        return Verdict("diverged", n, 0.0)
+    return Verdict("identical")

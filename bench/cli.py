@@ -1,0 +1,172 @@
+"""``sled-bench``: the verifier's capacity with and without drafts, measured on real processes.
+
+For every pair (drafter->target), N and mode it starts a fresh verifier and N device processes,
+releases the devices together, and reports the verifier's CPU seconds, forward passes and positions
+per committed token, throughput, round latency and the lossless check of every output; then the
+capacity ratio (plain over speculative cost per token) and a GPU-modeled one. The default is a
+quick run (about 10 minutes on two cores); ``--full`` runs the whole grid.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge_agent.agent import DEFAULT_DRAFT_TOKENS
+from shared.models import ModelError, resolve
+
+from bench import report
+from bench.gpu_model import GpuModel
+from bench.metrics import capacity, record
+from bench.procs import BenchError, CorePlan, plan_cores
+from bench.runner import MODES, Measurement, RunConfig, Settings, run
+from bench.target import TargetProfile, profile
+from bench.workload import DEFAULT_WORKLOAD, Prompt, load
+
+PAIRS = (
+    "smollm2-135m->qwen2.5-coder-1.5b",
+    "gemma-3-270m->qwen2.5-coder-1.5b",
+    "qwen2.5-coder-0.5b->qwen2.5-coder-1.5b",
+)
+QUICK = {"pairs": PAIRS, "n": (1, 4), "prompts": 4, "max_tokens": 64}
+FULL = {"pairs": PAIRS, "n": (1, 2, 4, 8), "prompts": 24, "max_tokens": 128}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sled-bench", description=__doc__)
+    ap.add_argument("--full", action="store_true", help="3 pairs, N in 1 2 4 8, 24 prompts, 128 tokens")
+    ap.add_argument("--pairs", nargs="+", metavar="DRAFTER->TARGET", help="registry names or GGUF paths")
+    ap.add_argument("--n", nargs="+", type=int, metavar="N", help="device counts")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--prompts", type=int, help="prompts per N, shared among its devices")
+    ap.add_argument("--max-tokens", type=int, help="new tokens per prompt (greedy)")
+    ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                    help="fixed mode's draft length, and speculative mode's cap on the hint")  # fmt: skip
+    ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra time per round trip")
+    ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="prompts, one JSON object a line")
+    ap.add_argument("--json", type=Path, help="write every figure to this file")
+    ap.add_argument("--chart", type=Path, help="PNG chart (default: next to --json)")
+    return ap
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    drafter, sep, target = pair.partition("->")
+    if not sep or not drafter or not target:
+        raise ModelError(f"a pair is DRAFTER->TARGET, not '{pair}'")
+    return drafter, target
+
+
+def _log(message: str) -> None:
+    print(f"sled-bench: {message}", file=sys.stderr, flush=True)
+
+
+class _Grid:
+    """The runs of one benchmark, in an order that loads each target once and shares plain runs.
+
+    A plain run involves no drafter, so one plain run per target and N serves every pair with that
+    target; its record is repeated under each pair.
+    """
+
+    def __init__(
+        self, pairs: list[str], ns: list[int], modes: list[str], settings: Settings, cores: CorePlan
+    ) -> None:
+        self.pairs, self.ns, self.modes, self.settings, self.cores = pairs, ns, modes, settings, cores
+        self.targets = list(dict.fromkeys(_split_pair(p)[1] for p in pairs))
+        drafter_modes = [m for m in modes if m != "plain"]
+        self.total = len(ns) * (len(pairs) * len(drafter_modes) + len(self.targets) * ("plain" in modes))
+        self.done = 0
+
+    def _run(self, target: str, drafter: str, mode: str, n: int) -> Measurement:
+        config = RunConfig(target, drafter, mode, n, self.settings)
+        t0 = time.perf_counter()
+        m = run(config, self.cores)
+        self.done += 1
+        who = target if mode == "plain" else f"{drafter}->{target}"
+        _log(f"[{self.done}/{self.total}] {who} {mode} N={n}: {time.perf_counter() - t0:.0f} s")
+        return m
+
+    def records(self, gpu: GpuModel) -> tuple[list[dict], list[TargetProfile]]:
+        records, profiles = [], []
+        for target in self.targets:
+            t0 = time.perf_counter()
+            prof = profile(target, list(self.settings.prompts), self.settings.max_tokens, self.cores.verifier)
+            profiles.append(prof)
+            _log(f"{target}: references and cost curve in {time.perf_counter() - t0:.0f} s")
+            for n in self.ns:
+                plain = self._run(target, "none", "plain", n) if "plain" in self.modes else None
+                for pair in (p for p in self.pairs if _split_pair(p)[1] == target):
+                    drafter = _split_pair(pair)[0]
+                    for mode in self.modes:
+                        m = plain if mode == "plain" else self._run(target, drafter, mode, n)
+                        records.append(record(pair, m, prof, gpu))
+        order = {p: i for i, p in enumerate(self.pairs)}
+        records.sort(key=lambda r: (order[r["pair"]], r["n_devices"], MODES.index(r["mode"])))
+        return records, profiles
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    preset = FULL if args.full else QUICK
+    pairs = list(args.pairs or preset["pairs"])
+    ns = sorted(set(args.n or preset["n"]))
+    n_prompts = args.prompts or preset["prompts"]
+    max_tokens = args.max_tokens or preset["max_tokens"]
+    for name in {x for p in pairs for x in _split_pair(p)}:
+        resolve(name)  # fail now, with the install hint, rather than in a subprocess later
+    workload = load(args.workload)
+    if not max(ns) <= n_prompts <= len(workload):
+        raise BenchError(f"--prompts must lie between the largest N ({max(ns)}) and {len(workload)}")
+    prompts: tuple[Prompt, ...] = tuple(workload[:n_prompts])
+    cores = plan_cores(max(ns))
+    _log(cores.describe())
+    settings = Settings(prompts, max_tokens, args.draft_tokens, args.network_delay_ms)
+    gpu = GpuModel()
+    records, profiles = _Grid(pairs, ns, args.modes, settings, cores).records(gpu)
+    caps = capacity(records)
+    print(report.table(records, caps))
+    document = {
+        "machine": report.machine(cores),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["sled-bench", *argv]),
+        "settings": {
+            "pairs": pairs,
+            "modes": args.modes,
+            "n_devices": ns,
+            "prompts": [p.id for p in prompts],
+            "max_tokens": max_tokens,
+            "draft_tokens": args.draft_tokens,
+            "network_delay_ms": args.network_delay_ms,
+        },
+        "records": records,
+        "capacity": caps,
+        "cost_curve": [{**point, "target": prof.name} for prof in profiles for point in prof.cost_curve],
+        "gpu_model": gpu.describe({prof.name: prof.n_params for prof in profiles}),
+    }
+    if args.json:
+        report.write_json(args.json, document)
+        _log(f"wrote {args.json}")
+    chart = args.chart or (args.json.with_suffix(".png") if args.json else None)
+    if chart:
+        report.chart(chart, records, caps)
+        _log(f"wrote {chart}")
+    failures = sum(len(r["lossless_failures"]) for r in records)
+    if failures:
+        _log(f"{failures} output(s) diverged from the greedy reference away from a near tie")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        sys.exit(_bench(args, argv))
+    except (ModelError, BenchError) as e:
+        sys.exit(f"sled-bench: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""From raw measurements to the report's figures: per-run records and the capacity ratios.
+
+Everything "per token" divides by the tokens the devices received (committed target tokens), so
+the modes compare on the work they deliver, not on the work they attempt.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.gpu_model import GpuModel
+from bench.lossless import Tally
+from bench.runner import Measurement
+from bench.target import TargetProfile
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None where either side is missing or the denominator is zero."""
+    return round(num / den, 6) if num is not None and den else None
+
+
+def _get(rec: dict | None, key: str) -> float | None:
+    return rec[key] if rec is not None else None
+
+
+def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> dict:
+    """The figures of one pair, mode and N (see bench/README.md for each field)."""
+    lines = [line for device in m.devices for line in device]
+    committed = sum(len(line["ids"]) for line in lines)
+    rounds = sum(line["summary"]["rounds"] for line in lines)
+    drafted = sum(line["summary"]["draft_tokens"] for line in lines)
+    accepted = sum(line["summary"]["accepted_draft_tokens"] for line in lines)
+    latencies = [x for line in lines for x in line["round_latencies_s"]]
+    per_device = [
+        sum(len(line["ids"]) for line in device) / sum(line["summary"]["elapsed_s"] for line in device)
+        for device in m.devices
+    ]
+    tally = Tally()
+    for line in lines:
+        tally.add(line["id"], line["ids"], target.references[line["id"]])
+    st = m.stats
+    p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
+    return {
+        "pair": pair,
+        "mode": m.config.mode,
+        "n_devices": m.config.n_devices,
+        "prompts": len(lines),
+        "committed_tokens": committed,
+        "wall_s": round(m.wall_s, 3),
+        "verifier_cpu_s": round(m.verifier_cpu_s, 3),
+        "verifier_cpu_s_per_token": _ratio(m.verifier_cpu_s, committed),
+        "forward_passes": st["forward_passes"],
+        "positions": st["positions"],
+        "forward_passes_per_token": _ratio(st["forward_passes"], committed),
+        "positions_per_token": _ratio(st["positions"], committed),
+        "rounds": rounds,
+        "tokens_per_round": _ratio(committed, rounds),
+        "draft_acceptance": _ratio(accepted, drafted),
+        "tokens_per_s_total": _ratio(committed, m.wall_s),
+        "tokens_per_s_per_device": round(float(np.mean(per_device)), 3),
+        "round_latency_p50_s": None if p50 is None else round(float(p50), 6),
+        "round_latency_p95_s": None if p95 is None else round(float(p95), 6),
+        "lossless_identical": tally.identical,
+        "lossless_near_tie": tally.near_tie,
+        "lossless_total": tally.total,
+        "lossless_failures": tally.failures,
+        "batch_sizes": st["batch_sizes"],
+        "modeled_gpu_s_per_token": _ratio(gpu.replay_s(st["batch_sizes"], target.n_params), committed),
+    }
+
+
+def capacity(records: list[dict]) -> list[dict]:
+    """Per pair and N: how many more devices one verifier serves with drafts than without.
+
+    ``capacity_ratio`` is measured (plain over speculative verifier CPU seconds per token);
+    ``modeled_capacity_ratio`` is the GPU model's (plain over fixed modeled seconds per token):
+    fixed mode, because the speculative hint tunes draft lengths to this CPU's cost curve, which is
+    not the modeled GPU's.
+    """
+    by_key = {(r["pair"], r["n_devices"], r["mode"]): r for r in records}
+    out = []
+    for pair, n in dict.fromkeys((r["pair"], r["n_devices"]) for r in records):
+        plain, spec, fixed = (by_key.get((pair, n, mode)) for mode in ("plain", "speculative", "fixed"))
+        cpu, gpu = "verifier_cpu_s_per_token", "modeled_gpu_s_per_token"
+        out.append({
+            "pair": pair,
+            "n_devices": n,
+            "capacity_ratio": _ratio(_get(plain, cpu), _get(spec, cpu)),
+            "modeled_capacity_ratio": _ratio(_get(plain, gpu), _get(fixed, gpu)),
+        })
+    return out

@@ -1,0 +1,60 @@
+"""Speculation through the real HTTP server reproduces plain greedy decoding of the target.
+
+Three drafter -> target pairs over 16 prompts, 64 new tokens each. Each output must equal the
+target's own one-token-at-a-time greedy output, or diverge first at a near-tie (top-2 logit gap
+below NEAR_TIE_GAP); both counts are reported in the terminal summary.
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import LOSSLESS_REPORT
+from edge_agent.agent import Agent
+from edge_agent.client import VerifierClient
+from prompts import CHAT, RAW
+from shared.protocol import chat_transcript
+from verifier_server.reference import NEAR_TIE_GAP, greedy_reference, judge
+
+PAIRS = [
+    ("smollm2-135m", "qwen2.5-coder-0.5b"),
+    ("gemma-3-270m", "qwen2.5-coder-0.5b"),  # SentencePiece drafter
+    ("smollm2-135m", "gemma-3-270m"),  # SentencePiece target
+]
+MAX_TOKENS = 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter_name,target", PAIRS, ids=[f"{d}->{t}" for d, t in PAIRS])
+def test_lossless_pair(drafter_name, target, verifier, drafter, reference_backend):
+    server = verifier(target, "--slots", "2", "--ctx-per-slot", "1024")
+    backend = reference_backend(target)
+    has_template = backend.text.chat_template is not None
+    cases = [(p, None) for p in RAW]
+    cases += [(None, m) if has_template else (chat_transcript(m), None) for m in CHAT]
+    assert len(cases) >= 16
+
+    counts = {"identical": 0, "near_tie": 0, "diverged": 0}
+    failures, rounds, committed = [], 0, 0
+    with VerifierClient(server.url) as client:
+        # A fixed draft length: the hint would shorten drafts on a CPU and test less speculation.
+        agent = Agent(client, drafter(drafter_name), draft_tokens=6, follow_hint=False)
+        for prompt, messages in cases:
+            result = agent.generate(prompt, messages, max_tokens=MAX_TOKENS)
+            ref = greedy_reference(backend, backend.text.prompt_ids(prompt, messages), MAX_TOKENS)
+            verdict = judge(result.ids, ref)
+            counts[verdict.kind] += 1
+            rounds += result.rounds
+            committed += result.committed_tokens
+            label = (prompt or messages[-1].content)[:30]
+            if verdict.kind == "diverged":
+                failures.append(f"{label!r}: diverged at token {verdict.position} (gap {verdict.gap:.3f})")
+            if "\ufffd" in result.text.decode(errors="replace") and "\ufffd" not in ref.text.decode(errors="replace"):
+                failures.append(f"{label!r}: U+FFFD in output but not in the reference")
+            if verdict.kind == "identical":
+                assert result.text == ref.text[: len(result.text)], label
+    LOSSLESS_REPORT.append(
+        f"{drafter_name}->{target}: {counts['identical']} identical, {counts['near_tie']} near-tie "
+        f"(gap < {NEAR_TIE_GAP}), {counts['diverged']} diverged of {len(cases)}; "
+        f"{committed / max(rounds, 1):.2f} tokens/round"
+    )
+    assert not failures, failures
