@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def _split_pair(pair: str) -> tuple[str, str]:
     drafter, sep, target = pair.partition("->")
     if not sep or not drafter or not target:
-        raise ModelError(f"a pair is DRAFTER->TARGET, not '{pair}'")
+        raise ModelError(f"a pair is DRAFTER->TARGET, not '{pair}' (quote it: '>' is a shell redirection)")
     return drafter, target
 
 

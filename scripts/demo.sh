@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's main job: a verifier with qwen2.5-coder-1.5b and an agent drafting with
+# smollm2-135m, generating from a sample prompt on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh qwen2.5-coder-1.5b smollm2-135m
+. .venv/bin/activate
+PORT=${PORT:-8000}
+sled-verifier serve --model qwen2.5-coder-1.5b --port "$PORT" &
+VERIFIER=$!
+trap 'kill $VERIFIER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$PORT/v1/health" >/dev/null && break
+    sleep 0.5
+done
+sled-agent generate --server "http://127.0.0.1:$PORT" --drafter smollm2-135m --max-tokens 128 \
+    "${1:-def merge_sort(items):
+}"

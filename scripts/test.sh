@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's test command: set up (idempotent), fetch the test models, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh qwen2.5-coder-0.5b smollm2-135m gemma-3-270m
+. .venv/bin/activate
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "no tests were collected: failing" >&2
+    exit 1
+fi
+exit "$rc"
