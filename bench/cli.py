@@ -73,8 +73,9 @@ class _Grid:
     def __init__(
         self, pairs: list[str], ns: list[int], modes: list[str], settings: Settings, cores: CorePlan
     ) -> None:
-        self.pairs, self.ns, self.modes, self.settings, self.cores = pairs, ns, modes, settings, cores
-        self.targets = list(dict.fromkeys(_split_pair(p)[1] for p in pairs))
+        self.ns, self.modes, self.settings, self.cores = ns, modes, settings, cores
+        self.pairs = {p: _split_pair(p) for p in pairs}  # "drafter->target" -> (drafter, target)
+        self.targets = list(dict.fromkeys(target for _, target in self.pairs.values()))
         drafter_modes = [m for m in modes if m != "plain"]
         self.total = len(ns) * (len(pairs) * len(drafter_modes) + len(self.targets) * ("plain" in modes))
         self.done = 0
@@ -97,8 +98,9 @@ class _Grid:
             _log(f"{target}: references and cost curve in {time.perf_counter() - t0:.0f} s")
             for n in self.ns:
                 plain = self._run(target, "none", "plain", n) if "plain" in self.modes else None
-                for pair in (p for p in self.pairs if _split_pair(p)[1] == target):
-                    drafter = _split_pair(pair)[0]
+                for pair, (drafter, pair_target) in self.pairs.items():
+                    if pair_target != target:
+                        continue
                     for mode in self.modes:
                         m = plain if mode == "plain" else self._run(target, drafter, mode, n)
                         records.append(record(pair, m, prof, gpu))

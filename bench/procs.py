@@ -80,13 +80,15 @@ def free_port() -> int:
 
 
 def _spawn(cmd: list[str], cores: tuple[int, ...], log: Path, **kw) -> subprocess.Popen:
-    """Start ``cmd`` pinned to ``cores`` from its first instruction (its threads inherit that)."""
-    return subprocess.Popen(
-        cmd,
-        stderr=log.open("wb"),
-        preexec_fn=functools.partial(os.sched_setaffinity, 0, cores),
-        **kw,
-    )
+    """Start ``cmd`` pinned to ``cores`` from its first instruction (its threads inherit that),
+    its stderr to ``log``."""
+    with log.open("wb") as err:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(
+            cmd,
+            stderr=err,
+            preexec_fn=functools.partial(os.sched_setaffinity, 0, cores),
+            **kw,
+        )
 
 
 def _tail(log: Path, n: int = 2000) -> str:

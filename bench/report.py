@@ -78,6 +78,7 @@ def table(records: list[dict], capacity: list[dict]) -> str:
 
 
 def write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -112,6 +113,7 @@ def chart(path: Path, records: list[dict], capacity: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

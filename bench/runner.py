@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import CorePlan, Device, Verifier
+from bench.procs import BenchError, CorePlan, Device, Verifier
 from bench.workload import Prompt, share
 
 MODES = ("speculative", "fixed", "plain")
@@ -64,7 +64,7 @@ def run(config: RunConfig, cores: CorePlan) -> Measurement:
     """Run ``config`` end to end with real processes; logs live in a temporary folder meanwhile."""
     prompts = list(config.settings.prompts)
     if config.n_devices > len(prompts):
-        raise ValueError(f"{config.n_devices} devices need at least as many prompts (got {len(prompts)})")
+        raise BenchError(f"{config.n_devices} devices need at least as many prompts (got {len(prompts)})")
     with tempfile.TemporaryDirectory(prefix="sled-bench-") as tmp:
         log_dir = Path(tmp)
         max_tokens = config.settings.max_tokens

@@ -78,28 +78,35 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     def _take(self) -> tuple[list[ForwardItem], list[_Job]]:
-        """Pop work up to the token budget; a job too large for what is left is split, and its
-        remainder goes back to the front of the queue (chunked prefill)."""
+        """Pop work up to the token budget: first every job that fits whole (verify rounds, in
+        arrival order), then the oldest job left, whole or as a chunk (a long prefill, whose
+        remainder stays queued). Rounds never wait behind a long prompt, and a quarter of the
+        pass is kept for a waiting prefill so that heavy round traffic cannot starve it either."""
         items: list[ForwardItem] = []
         done: list[_Job] = []
         budget = self.token_budget
-        while self._queue and budget > 0:
+        reserve = budget // 4 if any(len(j.tokens) > budget for j in self._queue) else 0
+
+        def take_whole(job: _Job) -> None:
+            nonlocal budget
+            self._queue.remove(job)
+            items.append(ForwardItem(job.slot, job.pos, job.tokens, job.n_logits))
+            done.append(job)
+            budget -= len(job.tokens)
+
+        for job in list(self._queue):
+            if len(job.tokens) <= budget - reserve:
+                take_whole(job)
+        if self._queue:
             job = self._queue[0]
             if len(job.tokens) <= budget:
-                self._queue.popleft()
-                items.append(ForwardItem(job.slot, job.pos, job.tokens, job.n_logits))
-                done.append(job)
-                budget -= len(job.tokens)
-                continue
-            # Split off a chunk that needs no logits; the logit positions stay with the remainder.
-            chunk = min(budget, len(job.tokens) - job.n_logits)
-            if chunk <= 0:
-                break
-            items.append(ForwardItem(job.slot, job.pos, job.tokens[:chunk], 0))
-            job.pos += chunk
-            job.tokens = job.tokens[chunk:]
-            budget -= chunk
-            break
+                take_whole(job)
+            else:  # a chunk needs no logits; the logit positions stay with the remainder
+                chunk = min(budget, len(job.tokens) - job.n_logits)
+                if chunk > 0:
+                    items.append(ForwardItem(job.slot, job.pos, job.tokens[:chunk], 0))
+                    job.pos += chunk
+                    job.tokens = job.tokens[chunk:]
         return items, done
 
     def _loop(self) -> None:

@@ -1,0 +1,94 @@
+"""One verifier for a fleet: concurrent devices batched together, more sessions than KV slots."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import LOSSLESS_REPORT
+from edge_agent.agent import Agent
+from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.drafter import Drafter
+from prompts import RAW
+from shared.models import resolve
+from shared.protocol import SessionCreate
+from verifier_server.reference import greedy_reference, judge
+
+TARGET = "qwen2.5-coder-0.5b"
+MAX_TOKENS = 32
+
+
+@pytest.mark.slow
+def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_backend):
+    server = verifier(TARGET, "--slots", "8", "--ctx-per-slot", "512", "--wait-window-ms", "5")
+    backend = reference_backend(TARGET)
+    # several drafters (two vocabularies, the target's own, none) and prompts
+    plan = [(d, RAW[i]) for i, d in enumerate(
+        ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", None] * 2)]
+    drafters = {d: [Drafter(resolve(d), n_threads=1) for _ in range(2)] for d in {p[0] for p in plan} if d}
+    before = httpx.get(f"{server.url}/v1/stats").json()
+
+    def run(i: int):
+        name, prompt = plan[i]
+        drafter = drafters[name][i // 4] if name else None
+        with VerifierClient(server.url) as client:
+            return Agent(client, drafter, draft_tokens=5, follow_hint=False).generate(prompt, max_tokens=MAX_TOKENS)
+
+    with ThreadPoolExecutor(len(plan)) as pool:
+        results = list(pool.map(run, range(len(plan))))
+    after = httpx.get(f"{server.url}/v1/stats").json()
+
+    verdicts = [judge(r.ids, greedy_reference(backend, backend.text.prompt_ids(p, None), MAX_TOKENS))
+                for r, (_, p) in zip(results, plan)]
+    kinds = [v.kind for v in verdicts]
+    LOSSLESS_REPORT.append(
+        f"8 concurrent agents on {TARGET}: {kinds.count('identical')} identical, "
+        f"{kinds.count('near_tie')} near-tie, {kinds.count('diverged')} diverged"
+    )
+    assert "diverged" not in kinds, verdicts
+    rounds = after["rounds"] - before["rounds"]
+    passes = after["forward_passes"] - before["forward_passes"]
+    assert rounds == sum(r.rounds for r in results)
+    assert passes < rounds, "concurrent rounds were not batched into shared forward passes"
+
+
+@pytest.mark.slow
+def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend):
+    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512")
+    backend = reference_backend(TARGET)
+    prompts = RAW[:5]
+    refs = [greedy_reference(backend, backend.text.prompt_ids(p, None), MAX_TOKENS) for p in prompts]
+    with VerifierClient(server.url) as client:
+        sessions = [client.create_session(SessionCreate(prompt=p, max_tokens=MAX_TOKENS)).session_id
+                    for p in prompts]
+        ids: list[list[int]] = [[] for _ in prompts]
+        texts = [b""] * len(prompts)
+        done = [False] * len(prompts)
+        rnd = 0
+        while not all(done):
+            rnd += 1
+            for i, sid in enumerate(sessions):  # interleave: every round evicts another session
+                if done[i]:
+                    continue
+                # an oracle-ish draft: the reference's next bytes, wrong after a few tokens
+                ahead = refs[i].text[len(texts[i]) : len(texts[i]) + 12] + b" zzz"
+                resp = client.verify(sid, rnd, ahead if rnd % 2 else b"")
+                ids[i] += resp.ids
+                texts[i] += resp.text
+                done[i] = resp.finished
+    kinds = [judge(x, ref).kind for x, ref in zip(ids, refs)]
+    assert "diverged" not in kinds, kinds
+    assert httpx.get(f"{server.url}/v1/info").json()["limits"]["sequence_slots"] == 2
+
+
+def test_idle_sessions_expire(verifier):
+    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--session-ttl", "1")
+    with VerifierClient(server.url) as client:
+        old = client.create_session(SessionCreate(prompt="a", max_tokens=4)).session_id
+        time.sleep(1.5)
+        client.create_session(SessionCreate(prompt="b", max_tokens=4))  # expiry runs on creation too
+        with pytest.raises(VerifierError, match="unknown session") as err:
+            client.verify(old, 1, b"")
+    assert err.value.status == 404
