@@ -9,12 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from verifier_server.backend import Backend
-from verifier_server.reference import Reference, greedy_reference
+from verifier_server.reference import Reference, greedy_reference, judge
 
 from bench.workload import Prompt
-
-NEAR_TIE_GAP = 0.5  # logits; a float32 batch-shape difference moves logits by far less than this
-
 
 def references(backend: Backend, prompts: list[Prompt], max_tokens: int) -> dict[str, Reference]:
     """The greedy reference of each prompt, keyed by prompt id."""
@@ -36,18 +33,16 @@ class Tally:
 
     def add(self, prompt_id: str, ids: list[int], ref: Reference) -> None:
         self.total += 1
-        if ids == ref.ids:
+        verdict = judge(ids, ref)
+        if verdict.kind == "identical":
             self.identical += 1
-            return
-        # No differing position means one output is a truncation of the other: never a near tie.
-        pos = next((i for i, (a, b) in enumerate(zip(ids, ref.ids)) if a != b), None)
-        if pos is not None and ref.gaps[pos] < NEAR_TIE_GAP:
+        elif verdict.kind == "near_tie":
             self.near_tie += 1
-            return
-        self.failures.append({
-            "prompt": prompt_id,
-            "position": min(len(ids), len(ref.ids)) if pos is None else pos,
-            "reference_gap": None if pos is None else round(ref.gaps[pos], 4),
-            "committed_tokens": len(ids),
-            "reference_tokens": len(ref.ids),
-        })
+        else:
+            self.failures.append({
+                "prompt": prompt_id,
+                "position": verdict.position,
+                "reference_gap": round(verdict.gap, 4),
+                "committed_tokens": len(ids),
+                "reference_tokens": len(ref.ids),
+            })
