@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="fixed mode's draft length, and speculative mode's cap on the hint")  # fmt: skip
     ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra time per round trip")
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="prompts, one JSON object a line")
+    ap.add_argument("--kind", choices=("code", "chat"), help="only raw code prompts, or only chats")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--chart", type=Path, help="PNG chart (default: next to --json)")
     return ap
@@ -117,7 +118,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     max_tokens = args.max_tokens or preset["max_tokens"]
     for name in {x for p in pairs for x in _split_pair(p)}:
         resolve(name)  # fail now, with the install hint, rather than in a subprocess later
-    workload = load(args.workload)
+    workload = [p for p in load(args.workload) if args.kind is None or p.kind == args.kind]
     if not max(ns) <= n_prompts <= len(workload):
         raise BenchError(f"--prompts must lie between the largest N ({max(ns)}) and {len(workload)}")
     prompts: tuple[Prompt, ...] = tuple(workload[:n_prompts])

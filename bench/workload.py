@@ -38,6 +38,10 @@ class Prompt:
         return {"id": self.id, "prompt": self.prompt}
 
     @property
+    def kind(self) -> str:
+        return "chat" if self.messages is not None else "code"
+
+    @property
     def message_list(self) -> list[ChatMessage] | None:
         """The messages as the agent and ``prompt_ids`` take them."""
         return list(self.messages) if self.messages is not None else None

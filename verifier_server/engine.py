@@ -63,14 +63,15 @@ class EngineConfig:
 
 def calibrate(backend: Backend, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
     """Time forward passes of two sizes on a scratch slot: a first cost curve t(B) = alpha + beta*B
-    for the draft-length hint, refined later from live traffic."""
+    for the draft-length hint, refined later from live traffic. Logits are taken at every position,
+    as a verify round needs them (the output layer is a large share of a small model's pass)."""
     tokens = backend.text.encode(b"def f(x):\n    return x * 2\n" * 4)
     timings = []
     for b in sizes:
         best = float("inf")
         for _ in range(2):
             t0 = time.perf_counter()
-            backend.forward([ForwardItem(0, 0, tokens[:b], 1)])
+            backend.forward([ForwardItem(0, 0, tokens[:b], b)])
             best = min(best, time.perf_counter() - t0)
         timings.append(best)
     beta = max((timings[1] - timings[0]) / (sizes[1] - sizes[0]), 0.0)

@@ -36,7 +36,8 @@ class SchedulerStats:
     forward_passes: int = 0
     positions: int = 0
     busy_s: float = 0.0
-    # Recent (batch tokens, seconds, rounds answered) of each pass: the measured cost curve.
+    # Recent passes made of verify rounds only, as (tokens, seconds, rounds): the cost curve that
+    # the draft-length hint fits (prefill passes would make positions look cheaper than they are).
     recent: deque = field(default_factory=lambda: deque(maxlen=256))
     # Every pass's token count (B -> passes): replayed by the benchmark through a GPU cost model.
     batch_sizes: Counter = field(default_factory=Counter)
@@ -140,7 +141,8 @@ class Scheduler:
             self.stats.forward_passes += 1
             self.stats.positions += n
             self.stats.busy_s += dt
-            self.stats.recent.append((n, dt, len(done)))
+            if all(it.n_logits == len(it.tokens) for it in items):  # rounds only: no prefill
+                self.stats.recent.append((n, dt, len(done)))
             self.stats.batch_sizes[n] += 1
             # ``done`` jobs are the leading items; a trailing split chunk has no result to deliver.
             for job, logits in zip(done, results):
