@@ -149,3 +149,13 @@ def test_agent_cli_streams_text_and_reports_json(server):
                 "tokens_per_round", "elapsed_s", "finish_reason"):
         assert key in out
     assert out["committed_tokens"] == 16 and out["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_generation_and_is_not_returned(server):
+    with VerifierClient(server.url) as client:
+        full = Agent(client, None).generate(PROMPT, max_tokens=24)
+        stop = full.text.decode()[8:12]  # a string the target is known to produce
+        cut = full.text.decode().index(stop)
+        result = Agent(client, None).generate(PROMPT, max_tokens=24, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text.decode() == full.text.decode()[:cut]

@@ -31,10 +31,14 @@ class RecordingBackend:
 
 def test_concurrent_rounds_share_one_forward_pass():
     backend = RecordingBackend()
-    sched = Scheduler(backend, token_budget=64, wait_window_s=0.05)
+    sched = Scheduler(backend, token_budget=64, wait_window_s=0.5)
+    sched.expected_rounds = 4  # four sessions are generating: their rounds should meet
 
     async def main():
-        return await asyncio.gather(*(sched.forward(s, 10, [1, 2, 3], 3) for s in range(4)))
+        first = asyncio.create_task(sched.forward(0, 10, [1, 2, 3], 3))
+        await asyncio.sleep(0.05)  # the others arrive a little later
+        rest = asyncio.gather(*(sched.forward(s, 10, [1, 2, 3], 3) for s in range(1, 4)))
+        return [await first, *await rest]
 
     results = asyncio.run(main())
     sched.close()
@@ -44,9 +48,26 @@ def test_concurrent_rounds_share_one_forward_pass():
         assert logits[:, 1].tolist() == [10, 11, 12]
 
 
+def test_a_pass_waits_no_longer_than_the_window_for_expected_rounds():
+    backend = RecordingBackend()
+    sched = Scheduler(backend, token_budget=64, wait_window_s=0.05)
+    sched.expected_rounds = 3  # but only one round comes
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        await sched.forward(0, 0, [1], 1)
+        return asyncio.get_running_loop().time() - t0
+
+    waited = asyncio.run(main())
+    sched.close()
+    assert len(backend.passes) == 1
+    assert 0.04 < waited < 2.0
+
+
 def test_long_prefill_is_chunked_and_does_not_stall_other_rounds():
     backend = RecordingBackend()
     sched = Scheduler(backend, token_budget=16, wait_window_s=0.05)
+    sched.expected_rounds = 3
 
     async def main():
         prefill = asyncio.create_task(sched.forward(0, 0, list(range(40)), 1))

@@ -97,7 +97,7 @@ def create_app(engine: Engine, expire_every_s: float = 30.0) -> FastAPI:
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}")
     async def delete_session(session_id: str) -> Response:
-        engine.delete(session_id)
+        await engine.delete(session_id)
         return Response(status_code=204)
 
     return app

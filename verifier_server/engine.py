@@ -166,10 +166,11 @@ class Engine:
             max_draft_tokens=self.hint.limit(s),
         )
 
-    def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str) -> None:
         s = self._get(session_id)
-        self.slots.release(s)
-        del self.sessions[session_id]
+        async with s.lock:  # never free a slot under a round in flight
+            self.slots.release(s)
+            self.sessions.pop(session_id, None)
 
     def expire_idle(self) -> None:
         """Free sessions unused for longer than the configured time-to-live."""
@@ -177,6 +178,11 @@ class Engine:
         for s in [s for s in self.sessions.values() if s.last_used < cutoff and not s.lock.locked()]:
             self.slots.release(s)
             del self.sessions[s.id]
+
+    def _active_sessions(self, now: float, within_s: float = 2.0) -> int:
+        """Sessions generating right now (a round within the last ``within_s``): the rounds the
+        scheduler can expect to batch together."""
+        return sum(1 for x in self.sessions.values() if not x.finished and now - x.last_used < within_s)
 
     def _get(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)
@@ -189,6 +195,7 @@ class Engine:
         s = self._get(session_id)
         async with s.lock:
             s.touch()
+            self.scheduler.expected_rounds = self._active_sessions(s.last_used)
             if s.last is not None and req.round == s.round:
                 return s.last  # a retry: same answer, nothing committed twice
             if req.round != s.round + 1:
@@ -212,6 +219,7 @@ class Engine:
             s.kv_len += n_acc  # accepted candidates stay in the KV; the rest is rolled back
             old = len(s.ids)
             self._commit(s, candidates[:n_acc] + [correction])
+            self.committed_tokens += len(s.ids) - old
             return self._respond(s, req, s.ids[old:], len(candidates), n_acc)
 
     async def _prefill(self, s: Session) -> None:
@@ -245,7 +253,6 @@ class Engine:
             if s.finished:
                 break
             s.ids.append(t)
-            self.committed_tokens += 1
             if text.is_eog(t):
                 s.finish_reason = "eos"
                 break

@@ -19,6 +19,10 @@ import numpy as np
 from verifier_server.backend import Backend, ForwardItem
 
 
+# The longest a pass waits for expected rounds, as a share of a recent pass's duration.
+WAIT_FRACTION = 0.25
+
+
 @dataclass
 class _Job:
     slot: int
@@ -49,6 +53,8 @@ class Scheduler:
         self.token_budget = token_budget
         self.wait_window_s = wait_window_s
         self.stats = SchedulerStats()
+        # How many rounds to expect at once: the sessions currently generating (set by the engine).
+        self.expected_rounds = 1
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._stopped = False
@@ -77,6 +83,20 @@ class Scheduler:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=10)
+
+    def _gather(self) -> None:
+        """Let concurrent rounds meet (called with the lock held, work queued): wait until every
+        active session has its round queued, but no longer than the wait window or a quarter of a
+        recent pass, whichever is longer. On a slow server more rounds per pass are worth a short
+        wait; on a fast one the wait stays within the configured window."""
+        recent = list(self.stats.recent)[-16:]
+        mean_pass = sum(dt for _, dt, _ in recent) / len(recent) if recent else 0.0
+        deadline = time.monotonic() + max(self.wait_window_s, WAIT_FRACTION * mean_pass)
+        while not self._stopped and len(self._queue) < self.expected_rounds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cv.wait(remaining)
 
     def _take(self) -> tuple[list[ForwardItem], list[_Job]]:
         """Pop work up to the token budget: first every job that fits whole (verify rounds, in
@@ -115,11 +135,9 @@ class Scheduler:
             with self._cv:
                 while not self._queue and not self._stopped:
                     self._cv.wait()
+                self._gather()
                 if self._stopped:
                     return
-            if self.wait_window_s > 0:
-                time.sleep(self.wait_window_s)
-            with self._cv:
                 items, done = self._take()
             if not items:
                 continue
