@@ -9,8 +9,9 @@ from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
 from shared.protocol import ChatMessage, FinishReason, SessionCreate
 
-# Measured on a 2-core CPU (README, "Choosing the draft length"): the verifier's hint caps it anyway.
-DEFAULT_DRAFT_TOKENS = 6
+# The longest draft a device offers; the verifier's hint shortens it to what pays on its hardware.
+# 10 measured best under the modeled memory-bound GPU verifier (README, "Draft length").
+DEFAULT_DRAFT_TOKENS = 10
 
 
 @dataclass

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session expires")
     s.add_argument("--max-draft-tokens", type=int, default=16)
     s.add_argument("--token-budget", type=int, default=512, help="tokens per forward pass")
-    s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (a quarter of a pass, if longer)")
+    s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (half a pass, if longer)")
 
     g = sub.add_parser("generate", help="plain greedy decoding with the same backend (the reference)")
     _add_model_args(g)

@@ -19,8 +19,9 @@ import numpy as np
 from verifier_server.backend import Backend, ForwardItem
 
 
-# The longest a pass waits for expected rounds, as a share of a recent pass's duration.
-WAIT_FRACTION = 0.25
+# The longest a pass waits for expected rounds, as a share of a recent pass (measured: 0.5 batched
+# four staggered devices into fuller passes, raising throughput and lowering latency on a CPU).
+WAIT_FRACTION = 0.5
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Scheduler:
 
     def _gather(self) -> None:
         """Let concurrent rounds meet (called with the lock held, work queued): wait until every
-        active session has its round queued, but no longer than the wait window or a quarter of a
+        active session has its round queued, but no longer than the wait window or half of a
         recent pass, whichever is longer. On a slow server more rounds per pass are worth a short
         wait; on a fast one the wait stays within the configured window."""
         recent = list(self.stats.recent)[-16:]
