@@ -1,15 +1,18 @@
 """The draft-length hint: how many tokens a device should draft next, from what the server measures.
 
 A round with k draft tokens commits E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j tokens, where a_j is the
-session's measured chance that draft position j is accepted once the ones before it were. It costs
-the server the marginal time of k+1 positions in a shared forward pass: c(k) = alpha/m + beta*(k+1),
-with t(B) = alpha + beta*B fitted to recent forward passes and m the number of rounds that share a
-pass. The hint is the k that maximizes E(k)/c(k): on a memory-bound server (beta small) long drafts
-pay; on a loaded compute-bound one (alpha/m small against beta) it shrinks, down to 0 (plain decoding)
-when drafts would cost more than they save.
+session's measured chance that draft position j is accepted once the ones before it were. Its cost
+is what its k+1 positions add to the shared forward pass they ride in: t(X + k + 1) - t(X), where X
+is the tokens the other sessions' rounds bring to a pass at the current load and t(B) the measured
+cost curve of a pass of B tokens. The hint is the k with the most committed tokens per second of
+server time. On a memory-bound GPU t(B) is flat, so long drafts are nearly free; on a compute-bound
+CPU every position costs, and the hint falls to 0 (plain decoding) whenever drafts would cost more
+than they save. The curve is a table, not a line: llama.cpp's CPU kernels change at some batch
+sizes, and a linear fit would hide where batching pays.
 """
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,16 +24,46 @@ PRIOR_WEIGHT = 2.0
 # Drafting must beat plain decoding by this much: measurement noise must not tip a compute-bound
 # server into speculation that costs more than it saves.
 MARGIN = 0.05
+# Weight of a live pass when it refines the start-up measurement of its batch size.
+LIVE_WEIGHT = 0.1
+
+
+class CostCurve:
+    """t(B), seconds of one forward pass of B tokens (logits at every position): measured at
+    start-up at a few sizes, interpolated linearly between them, refined by live passes."""
+
+    def __init__(self, points: dict[int, float]) -> None:
+        self.sizes = sorted(points)
+        self.seconds = [points[b] for b in self.sizes]
+
+    def __call__(self, b: float) -> float:
+        if b <= 0:
+            return 0.0
+        sizes, secs = self.sizes, self.seconds
+        if b <= sizes[0]:
+            return secs[0] * b / sizes[0]
+        i = min(bisect.bisect_left(sizes, b), len(sizes) - 1)
+        lo, hi = i - 1, i  # beyond the last size: extrapolate along the last segment
+        slope = (secs[hi] - secs[lo]) / (sizes[hi] - sizes[lo])
+        return secs[lo] + slope * (b - sizes[lo])
+
+    def observe(self, b: int, seconds: float) -> None:
+        """Nudge the measured size nearest to ``b`` (within 25%) towards a live pass."""
+        i = min(range(len(self.sizes)), key=lambda j: abs(self.sizes[j] - b))
+        if abs(self.sizes[i] - b) <= 0.25 * self.sizes[i]:
+            scaled = seconds * self.sizes[i] / b
+            self.seconds[i] += LIVE_WEIGHT * (scaled - self.seconds[i])
+
+    def as_dict(self) -> dict[str, float]:
+        return {str(b): round(t, 6) for b, t in zip(self.sizes, self.seconds)}
 
 
 class DraftHint:
-    def __init__(self, stats: "SchedulerStats", max_draft_tokens: int) -> None:
+    def __init__(self, stats: "SchedulerStats", curve: CostCurve, max_draft_tokens: int) -> None:
         self.stats = stats
+        self.curve = curve
         self.max_draft_tokens = max_draft_tokens
-        # t(B) = alpha + beta * B; replaced by a fit as soon as passes of different sizes were seen.
-        self.alpha = 1.0
-        self.beta = 0.0
-        self._fitted_at = -1
+        self._seen = 0  # live passes already folded into the curve
 
     def observe(self, s: "Session", proposed: int, accepted: int) -> None:
         """Record one round: positions 1..accepted accepted, position accepted+1 rejected."""
@@ -41,43 +74,39 @@ class DraftHint:
             stats[i][0] += 1
             stats[i][1] += i < accepted
 
-    def seed_cost(self, alpha: float, beta: float) -> None:
-        """Start-up calibration of the cost curve (seconds per pass, seconds per position)."""
-        self.alpha, self.beta = max(alpha, 1e-6), max(beta, 0.0)
-
-    def _refit(self) -> None:
-        recent = list(self.stats.recent)
-        if self.stats.forward_passes == self._fitted_at or len(recent) < 8:
-            return
-        self._fitted_at = self.stats.forward_passes
-        n = len(recent)
-        mx = sum(b for b, _, _ in recent) / n
-        my = sum(t for _, t, _ in recent) / n
-        var = sum((b - mx) ** 2 for b, _, _ in recent)
-        if var < 1e-9:
-            return  # all passes the same size: the start-up calibration stands
-        beta = sum((b - mx) * (t - my) for b, t, _ in recent) / var
-        alpha = my - beta * mx
-        if alpha > 0 and beta >= 0:
-            self.alpha, self.beta = alpha, beta
-
     def acceptance(self, s: "Session", i: int) -> float:
         prop, acc = s.position_stats[i] if i < len(s.position_stats) else (0, 0)
         return (acc + PRIOR_ACCEPT * PRIOR_WEIGHT) / (prop + PRIOR_WEIGHT)
 
+    def _load(self) -> float:
+        """Fold new passes into the curve; return X, the tokens other rounds bring to a pass."""
+        recent = list(self.stats.recent)
+        new = min(self.stats.round_passes - self._seen, len(recent))
+        for b, dt, _ in recent[len(recent) - new :]:
+            self.curve.observe(b, dt)
+        self._seen = self.stats.round_passes
+        recent = recent[-32:]
+        if not recent:
+            return 0.0
+        rounds = sum(r for _, _, r in recent)
+        per_pass = rounds / len(recent)
+        per_round = sum(b for b, _, _ in recent) / max(rounds, 1)
+        return max(per_pass - 1.0, 0.0) * per_round
+
     def limit(self, s: "Session") -> int:
         """The draft length with the most committed tokens per second of server time."""
-        self._refit()
-        recent = list(self.stats.recent)[-32:]
-        rounds_per_pass = sum(r for _, _, r in recent) / len(recent) if recent else 1.0
-        fixed = self.alpha / max(rounds_per_pass, 1.0)
-        plain_rate = 1.0 / (fixed + self.beta)
-        best_k, best_rate = 0, plain_rate * (1 + MARGIN)
+        others = self._load()
+        base = self.curve(others)
+
+        def cost(k: int) -> float:
+            return max(self.curve(others + k + 1) - base, 1e-9)
+
+        best_k, best_rate = 0, (1 + MARGIN) / cost(0)
         expected, survive = 1.0, 1.0
         for k in range(1, self.max_draft_tokens + 1):
             survive *= self.acceptance(s, k - 1)
             expected += survive
-            rate = expected / (fixed + self.beta * (k + 1))
+            rate = expected / cost(k)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k

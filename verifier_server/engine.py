@@ -19,7 +19,7 @@ from shared.protocol import (
 from shared.utf8 import common_prefix_len, complete_prefix_len
 from verifier_server.acceptance import greedy_accept
 from verifier_server.backend import Backend, ForwardItem
-from verifier_server.draft_hint import DraftHint
+from verifier_server.draft_hint import CostCurve, DraftHint
 from verifier_server.scheduler import Scheduler
 from verifier_server.session import Session, SlotTable
 
@@ -61,33 +61,29 @@ class EngineConfig:
     wait_window_s: float = 0.002
 
 
-def calibrate(backend: Backend, sizes: tuple[int, int] = (1, 8)) -> tuple[float, float]:
-    """Time forward passes of two sizes on a scratch slot: a first cost curve t(B) = alpha + beta*B
-    for the draft-length hint, refined later from live traffic. Logits are taken at every position,
-    as a verify round needs them (the output layer is a large share of a small model's pass)."""
-    tokens = backend.text.encode(b"def f(x):\n    return x * 2\n" * 4)
-    timings = []
+def calibrate(backend: Backend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> CostCurve:
+    """Time one forward pass of each size on a scratch slot: the start-up cost curve of the
+    draft-length hint, refined later by live passes. Logits are taken at every position, as a verify
+    round needs them (the output layer is a large share of a small model's pass)."""
+    tokens = backend.text.encode(b"def f(x):\n    return x * 2\n" * 16)[: max(sizes)]
+    backend.forward([ForwardItem(0, 0, tokens[:1], 1)])  # warm-up
+    points = {}
     for b in sizes:
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            backend.forward([ForwardItem(0, 0, tokens[:b], b)])
-            best = min(best, time.perf_counter() - t0)
-        timings.append(best)
-    beta = max((timings[1] - timings[0]) / (sizes[1] - sizes[0]), 0.0)
-    return max(timings[0] - beta * sizes[0], 1e-6), beta
+        t0 = time.perf_counter()
+        backend.forward([ForwardItem(0, 0, tokens[:b], b)])
+        points[b] = time.perf_counter() - t0
+    return CostCurve(points)
 
 
 class Engine:
     def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
         self.backend = backend
         self.config = config or EngineConfig()
-        alpha, beta = calibrate(backend)
+        curve = calibrate(backend)
         self.scheduler = Scheduler(backend, self.config.token_budget, self.config.wait_window_s)
         self.slots = SlotTable(backend.n_slots)
         self.sessions: dict[str, Session] = {}
-        self.hint = DraftHint(self.scheduler.stats, self.config.max_draft_tokens)
-        self.hint.seed_cost(alpha, beta)
+        self.hint = DraftHint(self.scheduler.stats, curve, self.config.max_draft_tokens)
         self.committed_tokens = 0
         self.rounds = 0
 
@@ -122,8 +118,7 @@ class Engine:
             "forward_passes": st.forward_passes,
             "positions": st.positions,
             "busy_s": st.busy_s,
-            "cost_alpha_s": self.hint.alpha,
-            "cost_beta_s": self.hint.beta,
+            "cost_curve_s": self.hint.curve.as_dict(),
             "batch_sizes": {str(b): c for b, c in sorted(st.batch_sizes.items())},
         }
 

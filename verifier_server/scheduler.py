@@ -39,6 +39,7 @@ class SchedulerStats:
     """Counters the benchmark and the draft-length hint read."""
 
     forward_passes: int = 0
+    round_passes: int = 0  # passes made of verify rounds only (those in ``recent``)
     positions: int = 0
     busy_s: float = 0.0
     # Recent passes made of verify rounds only, as (tokens, seconds, rounds): the cost curve that
@@ -162,6 +163,7 @@ class Scheduler:
             self.stats.busy_s += dt
             if all(it.n_logits == len(it.tokens) for it in items):  # rounds only: no prefill
                 self.stats.recent.append((n, dt, len(done)))
+                self.stats.round_passes += 1
             self.stats.batch_sizes[n] += 1
             # ``done`` jobs are the leading items; a trailing split chunk has no result to deliver.
             for job, logits in zip(done, results):
