@@ -35,3 +35,16 @@ def test_capacity_ratio_divides_plain_by_speculative_cost():
     (row,) = capacity([rec("plain", 0.06, 0.003), rec("speculative", 0.05, 0.002), rec("fixed", 0.07, 0.001)])
     assert row["capacity_ratio"] == pytest.approx(1.2)
     assert row["modeled_capacity_ratio"] == pytest.approx(3.0)
+
+
+def test_replay_prices_recorded_passes_with_a_measured_curve():
+    from bench.replay import replay
+    from verifier_server.draft_hint import CostCurve
+
+    flat = CostCurve({1: 0.02, 128: 0.02})
+    bench = {"records": [
+        {"pair": "d->t", "n_devices": 1, "mode": "plain", "committed_tokens": 64, "batch_sizes": {"1": 64}},
+        {"pair": "d->t", "n_devices": 1, "mode": "fixed", "committed_tokens": 64, "batch_sizes": {"11": 16}},
+    ]}
+    (row,) = replay(bench, flat)
+    assert row["measured_curve_capacity_ratio"] == pytest.approx(4.0)
