@@ -43,6 +43,7 @@ class GenerationResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "tokens_per_s": round(self.committed_tokens / max(self.elapsed_s, 1e-9), 2),
             "finish_reason": self.finish_reason,
+            "resumed": self.resumed,
         }
 
 

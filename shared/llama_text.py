@@ -84,9 +84,6 @@ class LlamaText:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def text(self, ids: Sequence[int]) -> bytes:
-        return b"".join(self.piece(t) for t in ids)
-
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 

@@ -15,6 +15,7 @@ from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
 from shared.codec import decode
 from shared.protocol import ErrorResponse, SessionCreate
+from verifier_server.reference import greedy_reference, judge
 
 TARGET = "qwen2.5-coder-0.5b"
 PROMPT = "def is_prime(n):\n"
@@ -61,7 +62,7 @@ def test_retried_round_returns_the_same_answer(server):
     assert r.status_code == 409 and b"next round is 3" in r.content
 
 
-def test_recovery_from_committed_ids_gives_the_same_output(server):
+def test_recovery_from_committed_ids_gives_the_same_output(server, reference_backend):
     with VerifierClient(server.url) as client:
         full = Agent(client, None).generate(PROMPT, max_tokens=24)
         # a first replica commits some rounds, then disappears
@@ -79,7 +80,14 @@ def test_recovery_from_committed_ids_gives_the_same_output(server):
             text, ids, rnd = text + resp.text, ids + resp.ids, rnd + 1
             if resp.finished:
                 break
-    assert ids == full.ids and text == full.text
+    # Rebuilt in one batch, the KV may differ in the last bits: same output, or a first
+    # difference only at a near-tie of the target (the lossless rule).
+    if ids != full.ids:
+        backend = reference_backend(TARGET)
+        ref = greedy_reference(backend, backend.text.prompt_ids(PROMPT, None), 24)
+        assert judge(ids, ref).kind == "near_tie", (ids, full.ids)
+    else:
+        assert text == full.text
 
 
 def test_json_bodies_are_accepted(server):

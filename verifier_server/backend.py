@@ -47,7 +47,6 @@ class Backend(Protocol):
     ctx_per_slot: int
     max_batch_tokens: int
     n_params: int
-    model_bytes: int
 
     def forward(self, items: Sequence[ForwardItem]) -> list[np.ndarray]:
         """One batched forward pass; returns, per item, logits of shape (n_logits, n_vocab)."""

@@ -45,7 +45,6 @@ class LlamaBackend:
             raise BackendError(f"llama.cpp could not load {model_path}")
         self.text = LlamaText(self._model)
         self.n_params = int(llama_cpp.llama_model_n_params(self._model))
-        self.model_bytes = int(llama_cpp.llama_model_size(self._model))
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_slots * ctx_per_slot

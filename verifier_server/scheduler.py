@@ -63,11 +63,6 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="sled-scheduler", daemon=True)
         self._thread.start()
 
-    @property
-    def queued_tokens(self) -> int:
-        with self._cv:
-            return sum(len(j.tokens) for j in self._queue)
-
     async def forward(self, slot: int, pos: int, tokens: list[int], n_logits: int) -> np.ndarray:
         """Evaluate ``tokens`` for ``slot`` from ``pos`` on (discarding whatever the slot held there)
         and return the logits of the last ``n_logits`` of them."""
