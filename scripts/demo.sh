@@ -9,10 +9,17 @@ PORT=${PORT:-8000}
 sled-verifier serve --model qwen2.5-coder-1.5b --port "$PORT" &
 VERIFIER=$!
 trap 'kill $VERIFIER 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$PORT/v1/health" >/dev/null && break
-    sleep 0.5
-done
+python - "$PORT" <<'PY'
+import sys, time, httpx
+for _ in range(240):
+    try:
+        if httpx.get(f"http://127.0.0.1:{sys.argv[1]}/v1/health", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.5)
+else:
+    sys.exit("the verifier did not come up")
+PY
 sled-agent generate --server "http://127.0.0.1:$PORT" --drafter smollm2-135m --max-tokens 128 \
     "${1:-def merge_sort(items):
 }"
