@@ -97,6 +97,8 @@ class Limits(_Message):
     max_context_tokens: int
     max_sessions: int
     sequence_slots: int
+    # Host memory for the KV state of sessions parked out of their slot.
+    max_parked_bytes: int
 
 
 class ServerInfo(_Message):

@@ -55,8 +55,9 @@ def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_ba
 
 
 @pytest.mark.slow
-def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend):
-    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512")
+@pytest.mark.parametrize("parked_mb", ["64", "0"], ids=["parked-in-host-memory", "rebuilt-from-ids"])
+def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend, parked_mb):
+    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--parked-mb", parked_mb)
     backend = reference_backend(TARGET)
     prompts = RAW[:5]
     refs = [greedy_reference(backend, backend.text.prompt_ids(p, None), MAX_TOKENS) for p in prompts]
@@ -78,6 +79,9 @@ def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend):
                 ids[i] += resp.ids
                 texts[i] += resp.text
                 done[i] = resp.finished
+            if rnd == 1:  # three of the five sessions lost their slot to the others
+                parked = httpx.get(f"{server.url}/v1/stats").json()["parked_sessions"]
+                assert parked == (3 if parked_mb != "0" else 0)
     kinds = [judge(x, ref).kind for x, ref in zip(ids, refs)]
     assert "diverged" not in kinds, kinds
     assert httpx.get(f"{server.url}/v1/info").json()["limits"]["sequence_slots"] == 2

@@ -110,3 +110,20 @@ def test_a_failed_pass_fails_its_rounds_and_the_worker_carries_on():
     first, second = asyncio.run(main())
     sched.close()
     assert first == "decode failed" and second.shape == (1, 4)
+
+
+def test_calls_run_between_passes_in_submission_order():
+    backend = RecordingBackend()
+    sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
+    events = []
+
+    async def main():
+        saved = sched.call(lambda: events.append(("save", len(backend.passes))) or b"state")
+        logits = await sched.forward(0, 0, [1, 2], 1)  # the slot's new owner, queued after the save
+        events.append(("forward", len(backend.passes)))
+        return await saved, logits
+
+    state, _ = asyncio.run(main())
+    sched.close()
+    assert state == b"state"
+    assert events == [("save", 0), ("forward", 1)]

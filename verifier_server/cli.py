@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per session")
     s.add_argument("--max-sessions", type=int, default=64)
     s.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session expires")
+    s.add_argument("--parked-mb", type=int, default=1024, help="host memory for sessions parked out of a slot")
     s.add_argument("--max-draft-tokens", type=int, default=16)
     s.add_argument("--token-budget", type=int, default=512, help="tokens per forward pass")
     s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (half a pass, if longer)")
@@ -63,6 +64,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_draft_tokens=args.max_draft_tokens,
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
+        max_parked_bytes=args.parked_mb << 20,
         token_budget=args.token_budget,
         wait_window_s=args.wait_window_ms / 1000,
     )

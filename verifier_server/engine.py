@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from dataclasses import dataclass
 
 from shared.alignment import continuation_ids
@@ -59,6 +60,7 @@ class EngineConfig:
     session_ttl_s: float = 600.0
     token_budget: int = 512
     wait_window_s: float = 0.002
+    max_parked_bytes: int = 1 << 30
 
 
 def calibrate(backend: Backend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> CostCurve:
@@ -81,7 +83,8 @@ class Engine:
         self.config = config or EngineConfig()
         curve = calibrate(backend)
         self.scheduler = Scheduler(backend, self.config.token_budget, self.config.wait_window_s)
-        self.slots = SlotTable(backend.n_slots)
+        self.slots = SlotTable(backend.n_slots, on_evict=self._park)
+        self.parked_bytes = 0
         self.sessions: dict[str, Session] = {}
         self.hint = DraftHint(self.scheduler.stats, curve, self.config.max_draft_tokens)
         self.committed_tokens = 0
@@ -104,6 +107,7 @@ class Engine:
                 max_context_tokens=self.backend.ctx_per_slot,
                 max_sessions=self.config.max_sessions,
                 sequence_slots=self.backend.n_slots,
+                max_parked_bytes=self.config.max_parked_bytes,
             ),
         )
 
@@ -113,6 +117,8 @@ class Engine:
         return {
             "sessions": len(self.sessions),
             "slots_in_use": self.slots.in_use,
+            "parked_sessions": sum(1 for x in self.sessions.values() if x.parked is not None),
+            "parked_bytes": self.parked_bytes,
             "rounds": self.rounds,
             "committed_tokens": self.committed_tokens,
             "forward_passes": st.forward_passes,
@@ -164,15 +170,49 @@ class Engine:
     async def delete(self, session_id: str) -> None:
         s = self._get(session_id)
         async with s.lock:  # never free a slot under a round in flight
-            self.slots.release(s)
-            self.sessions.pop(session_id, None)
+            self._forget(s)
 
     def expire_idle(self) -> None:
         """Free sessions unused for longer than the configured time-to-live."""
         cutoff = time.monotonic() - self.config.session_ttl_s
         for s in [s for s in self.sessions.values() if s.last_used < cutoff and not s.lock.locked()]:
-            self.slots.release(s)
-            del self.sessions[s.id]
+            self._forget(s)
+
+    def _forget(self, s: Session) -> None:
+        self.slots.release(s)
+        self._unpark(s)
+        self.sessions.pop(s.id, None)
+
+    # --- parking ------------------------------------------------------------------------------
+    def _park(self, s: Session, slot: int) -> None:
+        """Save an evicted session's KV state to host memory; queued before the slot's new owner
+        writes to it, so the copy is exact. Over the budget, the least recently used parked
+        sessions are dropped instead (they are rebuilt from their ids when they return)."""
+        if s.kv_len == 0 or s.finished:
+            return
+        s.parked, s.parked_len = self.scheduler.call(partial(self.backend.save_state, slot)), s.kv_len
+
+        def saved(fut: asyncio.Future) -> None:
+            if fut.cancelled() or fut.exception() is not None or s.parked is not fut:
+                return
+            self.parked_bytes += len(fut.result())
+            parked = sorted((x for x in self.sessions.values() if x.parked is not None and x.parked.done()),
+                            key=lambda x: x.last_used)
+            for old in parked:
+                if self.parked_bytes <= self.config.max_parked_bytes:
+                    break
+                self._unpark(old)
+
+        s.parked.add_done_callback(saved)
+
+    def _unpark(self, s: Session) -> bytes | None:
+        """Take a session's parked state out of host memory (None if it has none)."""
+        fut, s.parked = s.parked, None
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        state = fut.result()
+        self.parked_bytes -= len(state)
+        return state
 
     def _active_sessions(self, now: float, within_s: float = 2.0) -> int:
         """Sessions generating right now (a round within the last ``within_s``): the rounds the
@@ -232,6 +272,12 @@ class Engine:
         candidates, are discarded by the next pass over this slot)."""
         while (slot := self.slots.acquire(s)) is None:
             await asyncio.sleep(0.005)  # every slot is mid-round; one frees within a forward pass
+        if s.parked is not None:
+            await asyncio.wait([s.parked])
+            state = self._unpark(s)
+            if state is not None:
+                await self.scheduler.call(partial(self.backend.load_state, slot, state))
+                s.kv_len = s.parked_len
         start = min(s.kv_len, len(tokens) - max(n_logits, 1))
         try:
             logits = await self.scheduler.forward(slot, start, tokens[start:], n_logits)

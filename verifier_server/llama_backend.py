@@ -5,6 +5,7 @@ needs a context with ``n_seq_max`` sequences, one per session slot, and per-sequ
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
@@ -107,6 +108,18 @@ class LlamaBackend:
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} ({n} tokens)")
         return starts
+
+    def save_state(self, slot: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, slot)
+        return bytes(buf[:n])
+
+    def load_state(self, slot: int, state: bytes) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, src, len(state), slot) != len(state):
+            raise BackendError(f"could not restore a parked session into slot {slot}")
 
     def close(self) -> None:
         if self._ctx:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -58,10 +59,22 @@ class Scheduler:
         # How many rounds to expect at once: the sessions currently generating (set by the engine).
         self.expected_rounds = 1
         self._queue: deque[_Job] = deque()
+        # Work on the backend's memory (parking sessions), run between passes in submission order.
+        self._calls: deque[tuple[Callable[[], object], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="sled-scheduler", daemon=True)
         self._thread.start()
+
+    def call(self, fn: Callable[[], object]) -> asyncio.Future:
+        """Run ``fn`` on the worker thread before the next pass. Queued at once: forward work
+        submitted afterwards sees its effect (a slot saved before its new owner overwrites it)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            self._calls.append((fn, fut, loop))
+            self._cv.notify()
+        return fut
 
     async def forward(self, slot: int, pos: int, tokens: list[int], n_logits: int) -> np.ndarray:
         """Evaluate ``tokens`` for ``slot`` from ``pos`` on (discarding whatever the slot held there)
@@ -130,11 +143,23 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stopped:
+                while not self._queue and not self._calls and not self._stopped:
                     self._cv.wait()
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, fut, loop in calls:
+                try:
+                    loop.call_soon_threadsafe(_set_result, fut, fn())
+                except Exception as e:
+                    loop.call_soon_threadsafe(_set_exception, fut, e)
+            with self._cv:
+                if not self._queue and not self._stopped:
+                    continue
                 self._gather()
                 if self._stopped:
                     return
+                if self._calls:  # a call came in while waiting: it must run before this pass
+                    continue
                 items, done = self._take()
             if not items:
                 continue

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shared.protocol import FinishReason, VerifyResponse
 from shared.utf8 import complete_prefix_len
@@ -31,6 +32,10 @@ class Session:
     finish_reason: FinishReason | None = None
     slot: int | None = None
     kv_len: int = 0
+    # Parked in host memory after losing its slot: the saved KV state (pending or done) and how
+    # many ids it covers. Without it (over the budget) the session is rebuilt from ``ids``.
+    parked: asyncio.Future | None = None
+    parked_len: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Per draft position: [proposed, accepted] counts, for the draft-length hint.
@@ -68,9 +73,10 @@ class Session:
 
 class SlotTable:
     """Assigns the backend's KV sequences to sessions; the least recently used idle session gives
-    up its slot when all are taken (its KV is rebuilt from its ids when it returns)."""
+    up its slot when all are taken. ``on_evict(session, slot)`` runs first, to park its state."""
 
-    def __init__(self, n_slots: int) -> None:
+    def __init__(self, n_slots: int, on_evict: Callable[[Session, int], None]) -> None:
+        self.on_evict = on_evict
         self._free = list(range(n_slots - 1, -1, -1))
         self._owners: OrderedDict[int, Session] = OrderedDict()  # slot -> session, LRU first
 
@@ -83,6 +89,8 @@ class SlotTable:
             victim = next((o for o in self._owners.values() if not o.lock.locked()), None)
             if victim is None:
                 return None
+            assert victim.slot is not None
+            self.on_evict(victim, victim.slot)
             self.release(victim)
         s.slot = self._free.pop()
         s.kv_len = 0
