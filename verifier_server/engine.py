@@ -195,7 +195,8 @@ class Engine:
         def saved(fut: asyncio.Future) -> None:
             if fut.cancelled() or fut.exception() is not None or s.parked is not fut:
                 return
-            self.parked_bytes += len(fut.result())
+            s.parked_bytes = len(fut.result())
+            self.parked_bytes += s.parked_bytes
             parked = sorted((x for x in self.sessions.values() if x.parked is not None and x.parked.done()),
                             key=lambda x: x.last_used)
             for old in parked:
@@ -208,11 +209,11 @@ class Engine:
     def _unpark(self, s: Session) -> bytes | None:
         """Take a session's parked state out of host memory (None if it has none)."""
         fut, s.parked = s.parked, None
+        self.parked_bytes -= s.parked_bytes  # counted once the save completed, whatever came first
+        s.parked_bytes = 0
         if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
             return None
-        state = fut.result()
-        self.parked_bytes -= len(state)
-        return state
+        return fut.result()
 
     def _active_sessions(self, now: float, within_s: float = 2.0) -> int:
         """Sessions generating right now (a round within the last ``within_s``): the rounds the

@@ -36,6 +36,7 @@ class Session:
     # many ids it covers. Without it (over the budget) the session is rebuilt from ``ids``.
     parked: asyncio.Future | None = None
     parked_len: int = 0
+    parked_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Per draft position: [proposed, accepted] counts, for the draft-length hint.
