@@ -252,8 +252,8 @@ class Engine:
             logits = await self._forward(s, candidates)
             n_acc, correction = greedy_accept(candidates, logits)
             self.hint.observe(s, len(candidates), n_acc)
-            s.kv_len += n_acc  # accepted candidates stay in the KV; the rest is rolled back
             old = len(s.ids)
+            s.kv_len = old + n_acc  # accepted candidates stay in the KV; the next pass drops the rest
             self._commit(s, candidates[:n_acc] + [correction])
             self.committed_tokens += len(s.ids) - old
             return self._respond(s, req, s.ids[old:], len(candidates), n_acc)
@@ -264,13 +264,10 @@ class Engine:
             await self._run(s, s.ids[:-1], n_logits=0)
 
     async def _forward(self, s: Session, candidates: list[int]):
-        return await self._run(s, s.ids + candidates, n_logits=len(candidates) + 1, valid=len(s.ids))
+        return await self._run(s, s.ids + candidates, n_logits=len(candidates) + 1)
 
-    async def _run(self, s: Session, tokens: list[int], n_logits: int, valid: int | None = None):
-        """Evaluate ``tokens`` (the session's full sequence) from what its slot already holds.
-
-        ``valid`` is how many leading ``tokens`` stay in the KV afterwards (the rest, rejected
-        candidates, are discarded by the next pass over this slot)."""
+    async def _run(self, s: Session, tokens: list[int], n_logits: int):
+        """Evaluate ``tokens`` (the session's full sequence) from what its slot already holds."""
         while (slot := self.slots.acquire(s)) is None:
             await asyncio.sleep(0.005)  # every slot is mid-round; one frees within a forward pass
         if s.parked is not None:
@@ -285,7 +282,7 @@ class Engine:
         except Exception:
             self.slots.release(s)  # the slot's KV state is unknown now: rebuild next time
             raise
-        s.kv_len = len(tokens) if valid is None else valid
+        s.kv_len = len(tokens)
         return logits
 
     def _commit(self, s: Session, new_ids: list[int]) -> None:
