@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edge_agent.agent import DEFAULT_DRAFT_TOKENS
 from shared.models import ModelError, resolve
+from verifier_server.process import LaunchError
 
 from bench import report
 from bench.gpu_model import GpuModel
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         sys.exit(_bench(args, argv))
-    except (ModelError, BenchError) as e:
+    except (ModelError, BenchError, LaunchError) as e:
         sys.exit(f"sled-bench: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -9,7 +9,8 @@ graphs has less per-pass overhead, so this curve is an upper bound on the fixed 
 
     python -m bench.gpu_curve --json gpu_curve.json
 
-``sled-bench --gpu-curve gpu_curve.json`` then replays the recorded passes through it too.
+``python -m bench.replay RESULTS.json gpu_curve.json`` then replays a benchmark's recorded passes
+through it.
 """
 from __future__ import annotations
 

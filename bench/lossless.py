@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from verifier_server.backend import Backend
-from verifier_server.reference import Reference, greedy_reference, judge
+from verifier_server.llama.forward import ForwardBackend
+from verifier_server.llama.reference import greedy_reference
+from verifier_server.lossless import Reference, judge
 
 from bench.procs import BenchError
 from bench.workload import Prompt
 
-def references(backend: Backend, prompts: list[Prompt], max_tokens: int) -> dict[str, Reference]:
+
+def references(backend: ForwardBackend, prompts: list[Prompt], max_tokens: int) -> dict[str, Reference]:
     """The greedy reference of each prompt, keyed by prompt id."""
-    if backend.text.chat_template is None and any(p.kind == "chat" for p in prompts):
+    if backend.tokenizer.chat_template is None and any(p.kind == "chat" for p in prompts):
         raise BenchError(f"{backend.model_name} has no chat template: choose raw prompts with --kind code")
     out = {}
     for p in prompts:
-        ids = backend.text.prompt_ids(p.prompt, p.message_list)
+        ids = backend.tokenizer.prompt_ids(p.prompt, p.message_list)
         out[p.id] = greedy_reference(backend, ids, max_tokens)
     return out
 

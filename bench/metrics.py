@@ -63,6 +63,8 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         "lossless_near_tie": tally.near_tie,
         "lossless_total": tally.total,
         "lossless_failures": tally.failures,
+        "round_overhead_ms_p50": st["round_overhead_ms"]["p50"],
+        "round_overhead_ms_p95": st["round_overhead_ms"]["p95"],
         "batch_sizes": st["batch_sizes"],
         "modeled_gpu_s_per_token": _ratio(gpu.replay_s(st["batch_sizes"], target.n_params), committed),
     }

@@ -5,19 +5,16 @@ from the kernel for that process alone, with no agent work mixed in.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from verifier_server.process import VerifierProcess, spawn, stop
 
 HEALTH_TIMEOUT_S = 600.0  # loading a target and calibrating it on a busy two-core machine
 READY_TIMEOUT_S = 300.0
@@ -73,82 +70,27 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(cmd: list[str], cores: tuple[int, ...], log: Path, **kw) -> subprocess.Popen:
-    """Start ``cmd`` pinned to ``cores`` from its first instruction (its threads inherit that),
-    its stderr to ``log``."""
-    with log.open("wb") as err:  # the child holds its own copy of the descriptor
-        return subprocess.Popen(
-            cmd,
-            stderr=err,
-            preexec_fn=functools.partial(os.sched_setaffinity, 0, cores),
-            **kw,
-        )
-
-
 def _tail(log: Path, n: int = 2000) -> str:
     return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+class Verifier(VerifierProcess):
+    """The verifier of one run: pinned to the verifier's cores, one slot per device, its CPU time
+    read from the kernel."""
 
-
-class Verifier:
-    """A ``sled-verifier serve`` process on loopback; a context manager that stops it on exit."""
-
-    def __init__(
-        self, model: str, slots: int, max_tokens: int, cores: tuple[int, ...], log_dir: Path
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / "verifier.log"
-        cmd = [
-            sys.executable, "-m", "verifier_server.cli", "serve",
-            "--model", model,
-            "--port", str(self.port),
+    def __init__(self, model: str, slots: int, max_tokens: int, cores: tuple[int, ...], log_dir: Path) -> None:
+        super().__init__(
+            model,
             "--slots", str(slots),
-            "--threads", str(len(cores)),
             "--ctx-per-slot", str(max_tokens + PROMPT_ALLOWANCE),
-        ]  # fmt: skip
-        self.proc = _spawn(cmd, cores, self.log, stdout=subprocess.DEVNULL)
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the verifier exited with code {self.proc.returncode}:\n{_tail(self.log)}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/health", timeout=2):
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        raise BenchError(f"the verifier was not healthy after {HEALTH_TIMEOUT_S:.0f} s:\n{_tail(self.log)}")
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(self.url + "/v1/stats", timeout=30) as r:
-            return json.load(r)
+            threads=len(cores),
+            cores=cores,
+            log=log_dir / "verifier.log",
+            startup_timeout_s=HEALTH_TIMEOUT_S,
+        )  # fmt: skip
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.proc.pid)
-
-    def __enter__(self) -> "Verifier":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _stop(self.proc)
 
 
 class Device:
@@ -156,10 +98,10 @@ class Device:
 
     def __init__(self, worker_args: list[str], core: int, log: Path) -> None:
         self.log = log
-        self.proc = _spawn(
+        self.proc = spawn(
             [sys.executable, "-m", "bench.worker", *worker_args],
-            (core,),
             log,
+            (core,),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -193,7 +135,7 @@ class Device:
         return self.lines
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop(self.proc)
 
 
 def _readline(stream: IO[bytes] | None, timeout_s: float) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from verifier_server.draft_hint import CostCurve
+from verifier_server.cost_curve import CostCurve
 
 
 def gpu_s_per_token(record: dict, curve: CostCurve) -> float:

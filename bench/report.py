@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from importlib.metadata import version
 from pathlib import Path
 
 from bench.procs import CorePlan
@@ -13,8 +14,6 @@ MODELED = "modeled A100"  # the label of every figure that comes from bench.gpu_
 
 def machine(cores: CorePlan) -> dict:
     """Where the figures were measured: they only compare with figures from the same machine."""
-    import llama_cpp
-
     cpu = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -25,7 +24,7 @@ def machine(cores: CorePlan) -> dict:
         "cpu": cpu,
         "cores_available": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
-        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_python": version("llama-cpp-python"),
         "verifier_cores": list(cores.verifier),
         "device_cores": list(cores.devices),
         "dedicated_device_cores": cores.dedicated,
@@ -54,6 +53,8 @@ _COLUMNS = (
     ("/dev", 6, lambda r: _fmt(r["tokens_per_s_per_device"], 1)),
     ("p50 ms", 7, lambda r: _fmt(r["round_latency_p50_s"], 1, 1e3)),
     ("p95 ms", 7, lambda r: _fmt(r["round_latency_p95_s"], 1, 1e3)),
+    ("ovh p50", 7, lambda r: _fmt(r["round_overhead_ms_p50"], 2)),
+    ("ovh p95", 7, lambda r: _fmt(r["round_overhead_ms_p95"], 2)),
     ("lossless", 9, _lossless),
 )
 

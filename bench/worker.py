@@ -14,9 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_agent.agent import DEFAULT_DRAFT_TOKENS, Agent
-from edge_agent.client import VerifierClient
-from shared.models import resolve
+from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
 
 from bench.workload import load
 
@@ -26,14 +24,9 @@ REQUEST_TIMEOUT_S = 300.0
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
-    ap.add_argument("--server", required=True, help="verifier base URL")
+    add_agent_args(ap)
     ap.add_argument("--prompts", type=Path, required=True, help="JSON lines, as bench/workload.jsonl")
-    ap.add_argument("--drafter", default="none", help="registry name or GGUF path; 'none' for plain decoding")
-    ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS)
-    ap.add_argument("--fixed-draft", action="store_true", help="ignore the verifier's draft-length hint")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="drafter CPU threads")
-    ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra round-trip time")
+    ap.set_defaults(drafter="none", threads=1, timeout=REQUEST_TIMEOUT_S)
     return ap
 
 
@@ -44,15 +37,12 @@ def _emit(obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from edge_agent.drafter import Drafter  # llama.cpp: import only once the arguments are valid
-
     prompts = load(args.prompts)
-    drafter = None if args.drafter == "none" else Drafter(resolve(args.drafter), n_threads=args.threads)
+    drafter = load_drafter(args)
     _emit({"ready": True})
     sys.stdin.readline()
-    delay_s = args.network_delay_ms / 1000
-    with VerifierClient(args.server, timeout_s=REQUEST_TIMEOUT_S, network_delay_s=delay_s) as client:
-        agent = Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft)
+    with open_client(args) as client:
+        agent = make_agent(args, client, drafter)
         for p in prompts:
             result = agent.generate(p.prompt, p.message_list, args.max_tokens)
             _emit({

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -47,6 +48,34 @@ class GenerationResult:
         }
 
 
+class DraftLength:
+    """Turns the verifier's hint, counted in *target* tokens, into a number of *drafter* tokens.
+
+    The two vocabularies cut text differently (SmolLM2 needs more tokens than Qwen for the same
+    code, Gemma fewer), so the agent measures how many target tokens its drafts re-tokenize into
+    (each answer's ``draft_tokens``) per drafter token it sent, and scales the hint by that.
+    """
+
+    PRIOR = 4.0  # drafter tokens of prior evidence for a ratio of 1
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.drafter_sent = 0
+        self.target_seen = 0
+
+    def observe(self, drafter_tokens: int, target_tokens: int) -> None:
+        if drafter_tokens and target_tokens:
+            self.drafter_sent += drafter_tokens
+            self.target_seen += target_tokens
+
+    def for_hint(self, hint: int) -> int:
+        """Drafter tokens whose text should come to about ``hint`` target tokens."""
+        if hint <= 0:
+            return 0
+        per_drafter = (self.target_seen + self.PRIOR) / (self.drafter_sent + self.PRIOR)
+        return min(self.cap, max(1, round(hint / per_drafter)))
+
+
 def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
     """How many draft tokens lie wholly inside the accepted byte prefix."""
     n, end = 0, 0
@@ -79,16 +108,18 @@ class Agent:
         stop: list[str] | None = None,
         on_text: Callable[[bytes], None] | None = None,
     ) -> GenerationResult:
-        request = SessionCreate(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop or [])
+        request = SessionCreate(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop or [],
+                                idempotency_key=uuid.uuid4().hex)
         result = GenerationResult()
+        length = DraftLength(self.draft_tokens)
         t0 = time.perf_counter()
         created = self.client.create_session(request)
-        session, hint, round_no = created.session_id, created.max_draft_tokens, 1
+        session, hint, round_no = created.session_id, created.draft_hint, 1
         if self.drafter is not None:
             self.drafter.start(prompt, messages)
         try:
             while True:
-                k = min(self.draft_tokens, hint) if self.follow_hint else self.draft_tokens
+                k = length.for_hint(hint) if self.follow_hint else self.draft_tokens
                 pieces = self.drafter.draft(k) if self.drafter is not None and k > 0 else []
                 draft = b"".join(pieces)
                 t_round = time.perf_counter()
@@ -99,7 +130,8 @@ class Agent:
                         raise
                     # The session is gone (server restarted, or another replica): rebuild it from
                     # the ids committed so far; output continues exactly where it was.
-                    resumed = request.model_copy(update={"resume_ids": list(result.ids)})
+                    resumed = request.model_copy(
+                        update={"resume_ids": list(result.ids), "idempotency_key": uuid.uuid4().hex})
                     session, round_no = self.client.create_session(resumed).session_id, 1
                     result.resumed += 1
                     continue
@@ -107,6 +139,7 @@ class Agent:
                 result.rounds += 1
                 result.draft_tokens += len(pieces)
                 result.accepted_draft_tokens += accepted_pieces(pieces, resp.accepted_bytes)
+                length.observe(len(pieces), resp.draft_tokens)
                 result.ids += resp.ids
                 result.text += resp.text
                 if resp.text:
@@ -114,7 +147,7 @@ class Agent:
                         on_text(resp.text)
                     if self.drafter is not None:
                         self.drafter.commit(resp.text)
-                hint, round_no = resp.max_draft_tokens, round_no + 1
+                hint, round_no = resp.draft_hint, round_no + 1
                 if resp.finished:
                     result.finish_reason = resp.finish_reason
                     break

@@ -14,7 +14,7 @@ import numpy as np
 import llama_cpp
 
 from shared.alignment import spell
-from shared.llama_text import LlamaText, quiet_llama_logs
+from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
 from shared.protocol import ChatMessage
 from shared.utf8 import common_prefix_len
 
@@ -28,16 +28,16 @@ class Drafter:
             n_threads=n_threads or os.cpu_count(),
             verbose=False,
         )
-        self.text = LlamaText(self.llm.model)
+        self.tokenizer = LlamaTokenizer(self.llm.model)
         self.tokens: list[int] = []  # prompt + committed text, in drafter ids
 
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         """Begin a generation; each side renders a chat with its own template."""
-        self.tokens = self.text.prompt_ids(prompt, messages, transcript_fallback=True)
+        self.tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
 
     def commit(self, text: bytes) -> None:
         """Append committed text (complete UTF-8 from the verifier) to the drafter's context."""
-        self.tokens += spell(self.text, self.tokens, text)
+        self.tokens += spell(self.tokenizer, self.tokens, text)
 
     def draft(self, k: int) -> list[bytes]:
         """Greedy draft of up to ``k`` tokens after the committed text, as each token's bytes.
@@ -50,13 +50,13 @@ class Drafter:
         pieces: list[bytes] = []
         for i in range(k):
             logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.text.n_vocab,)
+                llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.tokenizer.n_vocab,)
             )
             tok = int(logits.argmax())
-            if self.text.is_eog(tok):
+            if self.tokenizer.is_eog(tok):
                 break
-            if not self.text.is_control(tok):
-                pieces.append(self.text.piece(tok))
+            if not self.tokenizer.is_control(tok):
+                pieces.append(self.tokenizer.piece(tok))
             if i + 1 < k:
                 self.llm.eval([tok])
         return pieces

@@ -25,12 +25,6 @@ class ChatMessage(_Message):
     content: str
 
 
-def chat_transcript(messages: list[ChatMessage]) -> str:
-    """A conversation as plain text ending where the assistant speaks, for models without a chat
-    template (a base-model drafter reads a chat this way)."""
-    return "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages) + "Assistant:"
-
-
 class SessionCreate(_Message):
     """Open a generation session: a raw prompt continued as is, or chat messages that the verifier
     renders with the target's own chat template.
@@ -38,6 +32,9 @@ class SessionCreate(_Message):
     ``resume_ids`` re-creates a session from the target ids an agent already holds (the ids of every
     verify response, concatenated): that is how an agent moves to another replica without losing or
     repeating output.
+
+    ``idempotency_key`` makes creation safe to retry: a repeat with the same key (after a read
+    timeout, say) returns the session the first request created instead of opening a second one.
     """
 
     prompt: str | None = None
@@ -45,6 +42,7 @@ class SessionCreate(_Message):
     max_tokens: int = Field(default=128, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     resume_ids: list[int] = Field(default_factory=list)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "SessionCreate":
@@ -61,8 +59,8 @@ class SessionCreated(_Message):
     session_id: str
     prompt_tokens: int
     max_tokens: int
-    # The longest draft (in target tokens) the agent should send in its first round.
-    max_draft_tokens: int
+    # The draft length worth sending in the first round, in *target* tokens (a recommendation).
+    draft_hint: int
 
 
 class VerifyRequest(_Message):
@@ -87,8 +85,10 @@ class VerifyResponse(_Message):
     committed_tokens: int
     finished: bool
     finish_reason: FinishReason | None = None
-    # Longest draft worth sending next round, in target tokens (0 means: send no draft).
-    max_draft_tokens: int
+    # The draft length worth sending next round, in *target* tokens: a recommendation from the
+    # server's cost and this session's acceptance (0: drafting does not pay, send none). The
+    # agent converts it into its own tokens; drafts longer than ``Limits.max_draft_tokens`` are cut.
+    draft_hint: int
 
 
 class Limits(_Message):

@@ -20,12 +20,6 @@ def complete_prefix_len(data: bytes) -> int:
     return n
 
 
-def split_complete(data: bytes) -> tuple[bytes, bytes]:
-    """Split into (complete UTF-8 prefix, incomplete tail to hold back)."""
-    cut = complete_prefix_len(data)
-    return data[:cut], data[cut:]
-
-
 def starts_mid_character(data: bytes) -> bool:
     """True if ``data`` begins with a UTF-8 continuation byte."""
     return bool(data) and 0x80 <= data[0] < 0xC0

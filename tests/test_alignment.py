@@ -4,16 +4,16 @@ from __future__ import annotations
 import pytest
 
 from shared.alignment import continuation_ids, spell, text_of
-from shared.utf8 import complete_prefix_len, split_complete
+from shared.utf8 import complete_prefix_len
 
 BPE, SPM = "qwen2.5-coder-0.5b", "gemma-3-270m"
 
 
-def test_split_complete_holds_back_an_incomplete_character():
+def test_an_incomplete_character_is_held_back():
     e_acute, emoji = "é".encode(), "🎉".encode()
-    assert split_complete(b"caf" + e_acute[:1]) == (b"caf", e_acute[:1])
-    assert split_complete(b"ok " + emoji[:3]) == (b"ok ", emoji[:3])
-    assert split_complete(b"ok " + emoji) == (b"ok " + emoji, b"")
+    assert complete_prefix_len(b"caf" + e_acute[:1]) == 3
+    assert complete_prefix_len(b"ok " + emoji[:3]) == 3
+    assert complete_prefix_len(b"ok " + emoji) == 3 + len(emoji)
     assert complete_prefix_len(b"") == 0
     # a stray continuation byte can never complete: it is not held back
     assert complete_prefix_len(b"a\x80") == 2

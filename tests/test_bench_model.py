@@ -39,7 +39,7 @@ def test_capacity_ratio_divides_plain_by_speculative_cost():
 
 def test_replay_prices_recorded_passes_with_a_measured_curve():
     from bench.replay import replay
-    from verifier_server.draft_hint import CostCurve
+    from verifier_server.cost_curve import CostCurve
 
     flat = CostCurve({1: 0.02, 128: 0.02})
     bench = {"records": [

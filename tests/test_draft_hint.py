@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from verifier_server.draft_hint import CostCurve, DraftHint
-from verifier_server.scheduler import SchedulerStats
-from verifier_server.session import Session
+from edge_agent.agent import DraftLength
+from verifier_server.cost_curve import CostCurve, LoadModel, PassRecord
+from verifier_server.draft_hint import AcceptanceHistory, recommend
 
 
-def _session() -> Session:
-    return Session(prompt_len=1, ids=[1], max_tokens=64, stop=[])
-
-
-def _hint(points: dict[int, float]) -> DraftHint:
-    return DraftHint(SchedulerStats(), CostCurve(points), max_draft_tokens=16)
+def _cost(points: dict[int, float], passes: list[PassRecord] = ()):
+    load = LoadModel(CostCurve(points))
+    load.update(passes)
+    return load.round_cost()
 
 
 def test_curve_interpolates_and_extrapolates():
@@ -26,22 +24,38 @@ def test_curve_interpolates_and_extrapolates():
 
 
 def test_memory_bound_server_gets_long_drafts():
-    hint = _hint({1: 0.003, 8: 0.003, 64: 0.0031})  # a GPU: flat up to many tokens
-    s = _session()
-    assert hint.limit(s) >= 8
+    cost = _cost({1: 0.003, 8: 0.003, 64: 0.0031})  # a GPU: flat up to many tokens
+    assert recommend(AcceptanceHistory(), cost, 16) >= 8
 
 
 def test_compute_bound_server_gets_no_drafts():
-    hint = _hint({1: 0.05, 2: 0.1, 4: 0.2, 8: 0.4, 16: 0.8})  # a CPU: every position costs
-    s = _session()
-    assert hint.limit(s) == 0
+    cost = _cost({1: 0.05, 2: 0.1, 4: 0.2, 8: 0.4, 16: 0.8})  # a CPU: every position costs
+    assert recommend(AcceptanceHistory(), cost, 16) == 0
 
 
 def test_hint_follows_the_sessions_acceptance():
-    hint = _hint({1: 0.05, 2: 0.06, 4: 0.08, 8: 0.12, 16: 0.2})
-    good, bad = _session(), _session()
+    cost = _cost({1: 0.05, 2: 0.06, 4: 0.08, 8: 0.12, 16: 0.2})
+    good, bad = AcceptanceHistory(), AcceptanceHistory()
     for _ in range(50):
-        hint.observe(good, proposed=8, accepted=8)
-        hint.observe(bad, proposed=8, accepted=0)
-    assert hint.limit(good) > 4
-    assert hint.limit(bad) == 0
+        good.observe(proposed=8, accepted=8)
+        bad.observe(proposed=8, accepted=0)
+    assert recommend(good, cost, 16) > 4
+    assert recommend(bad, cost, 16) == 0
+
+
+def test_a_round_costs_what_it_adds_to_a_shared_pass():
+    points = {1: 0.01, 8: 0.01, 16: 0.02, 32: 0.04}
+    alone = _cost(points)
+    shared = _cost(points, [PassRecord(tokens=16, seconds=0.02, rounds=4)] * 8)  # 3 other rounds of 4
+    assert alone(1) == pytest.approx(0.01 / 1 * 1)
+    assert shared(4) == pytest.approx(points[16] - CostCurve(points)(12), rel=0.05)
+
+
+def test_the_agent_converts_the_hint_into_its_own_tokens():
+    length = DraftLength(cap=10)
+    assert length.for_hint(0) == 0
+    assert length.for_hint(6) == 6  # no evidence yet: one drafter token per target token
+    for _ in range(20):  # this drafter's tokens are half as long: two per target token
+        length.observe(drafter_tokens=8, target_tokens=4)
+    assert length.for_hint(3) == 6
+    assert length.for_hint(8) == 10  # never beyond the agent's own cap

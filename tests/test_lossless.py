@@ -12,8 +12,9 @@ from conftest import LOSSLESS_REPORT
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient
 from prompts import CHAT, RAW
-from shared.protocol import chat_transcript
-from verifier_server.reference import NEAR_TIE_GAP, greedy_reference, judge
+from shared.chat import chat_transcript
+from verifier_server.llama.reference import greedy_reference, teacher_forced_deficits
+from verifier_server.lossless import NEAR_TIE_GAP, judge
 
 PAIRS = [
     ("smollm2-135m", "qwen2.5-coder-0.5b"),
@@ -28,7 +29,7 @@ MAX_TOKENS = 64
 def test_lossless_pair(drafter_name, target, verifier, drafter, reference_backend):
     server = verifier(target, "--slots", "2", "--ctx-per-slot", "1024")
     backend = reference_backend(target)
-    has_template = backend.text.chat_template is not None
+    has_template = backend.tokenizer.chat_template is not None
     cases = [(p, None) for p in RAW]
     cases += [(None, m) if has_template else (chat_transcript(m), None) for m in CHAT]
     assert len(cases) >= 16
@@ -40,7 +41,7 @@ def test_lossless_pair(drafter_name, target, verifier, drafter, reference_backen
         agent = Agent(client, drafter(drafter_name), draft_tokens=6, follow_hint=False)
         for prompt, messages in cases:
             result = agent.generate(prompt, messages, max_tokens=MAX_TOKENS)
-            ref = greedy_reference(backend, backend.text.prompt_ids(prompt, messages), MAX_TOKENS)
+            ref = greedy_reference(backend, backend.tokenizer.prompt_ids(prompt, messages), MAX_TOKENS)
             verdict = judge(result.ids, ref)
             counts[verdict.kind] += 1
             if verdict.kind == "near_tie":

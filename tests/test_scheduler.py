@@ -1,12 +1,16 @@
-"""The scheduler's batching policy, with a fake backend (ordering logic only, no model involved)."""
+"""The scheduler's batching policy and its robustness, with a fake backend (ordering and hand-over
+logic only, no model involved)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
+import pytest
 
-from verifier_server.backend import ForwardItem
-from verifier_server.scheduler import Scheduler
+from verifier_server.llama.forward import ForwardItem
+from verifier_server.llama.scheduler import Scheduler
+from verifier_server.runner import RunnerError
 
 
 class RecordingBackend:
@@ -29,15 +33,25 @@ class RecordingBackend:
         return out
 
 
+def copy_rows(rows):
+    return np.array([rows[i] for i in range(len(rows))])
+
+
+async def forward(sched: Scheduler, slot: int, pos: int, tokens: list[int], n_logits: int):
+    """Submit a job whose reduce copies its rows, and await them."""
+    done = await sched.submit(slot, pos, tokens, n_logits, copy_rows).future
+    return done.value
+
+
 def test_concurrent_rounds_share_one_forward_pass():
     backend = RecordingBackend()
     sched = Scheduler(backend, token_budget=64, wait_window_s=0.5)
-    sched.expected_rounds = 4  # four sessions are generating: their rounds should meet
+    sched.expect(4)  # four sessions are generating: their rounds should meet
 
     async def main():
-        first = asyncio.create_task(sched.forward(0, 10, [1, 2, 3], 3))
+        first = asyncio.create_task(forward(sched, 0, 10, [1, 2, 3], 3))
         await asyncio.sleep(0.05)  # the others arrive a little later
-        rest = asyncio.gather(*(sched.forward(s, 10, [1, 2, 3], 3) for s in range(1, 4)))
+        rest = asyncio.gather(*(forward(sched, s, 10, [1, 2, 3], 3) for s in range(1, 4)))
         return [await first, *await rest]
 
     results = asyncio.run(main())
@@ -51,11 +65,11 @@ def test_concurrent_rounds_share_one_forward_pass():
 def test_a_pass_waits_no_longer_than_the_window_for_expected_rounds():
     backend = RecordingBackend()
     sched = Scheduler(backend, token_budget=64, wait_window_s=0.05)
-    sched.expected_rounds = 3  # but only one round comes
+    sched.expect(3)  # but only one round comes
 
     async def main():
         t0 = asyncio.get_running_loop().time()
-        await sched.forward(0, 0, [1], 1)
+        await forward(sched, 0, 0, [1], 1)
         return asyncio.get_running_loop().time() - t0
 
     waited = asyncio.run(main())
@@ -67,12 +81,12 @@ def test_a_pass_waits_no_longer_than_the_window_for_expected_rounds():
 def test_long_prefill_is_chunked_and_does_not_stall_other_rounds():
     backend = RecordingBackend()
     sched = Scheduler(backend, token_budget=16, wait_window_s=0.05)
-    sched.expected_rounds = 3
+    sched.expect(3)
 
     async def main():
-        prefill = asyncio.create_task(sched.forward(0, 0, list(range(40)), 1))
+        prefill = asyncio.create_task(forward(sched, 0, 0, list(range(40)), 1))
         await asyncio.sleep(0.01)
-        rounds = [asyncio.create_task(sched.forward(s, 5, [7, 8], 2)) for s in (1, 2)]
+        rounds = [asyncio.create_task(forward(sched, s, 5, [7, 8], 2)) for s in (1, 2)]
         return await prefill, await asyncio.gather(*rounds)
 
     prefill, rounds = asyncio.run(main())
@@ -89,27 +103,108 @@ def test_long_prefill_is_chunked_and_does_not_stall_other_rounds():
     assert [r[:, 1].tolist() for r in rounds] == [[5, 6], [5, 6]]
 
 
+def test_a_pass_never_holds_two_jobs_of_one_slot():
+    backend = RecordingBackend()
+    sched = Scheduler(backend, token_budget=64, wait_window_s=0.05)
+    sched.expect(3)
+
+    async def main():
+        return await asyncio.gather(forward(sched, 0, 0, [1, 2], 1), forward(sched, 0, 2, [3], 1),
+                                    forward(sched, 1, 0, [4], 1))
+
+    asyncio.run(main())
+    sched.close()
+    for p in backend.passes:
+        slots = [it.slot for it in p]
+        assert len(slots) == len(set(slots)), backend.passes
+    assert len(backend.passes) == 2
+
+
 def test_a_failed_pass_fails_its_rounds_and_the_worker_carries_on():
     class Flaky(RecordingBackend):
         def forward(self, items):
             if not self.passes:
                 self.passes.append(list(items))
-                raise RuntimeError("decode failed")
+                raise MemoryError("decode failed")
             return super().forward(items)
 
     backend = Flaky()
     sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
 
     async def main():
-        try:
-            await sched.forward(0, 0, [1], 1)
-        except RuntimeError as e:
-            first = str(e)
-        return first, await sched.forward(1, 0, [1], 1)
+        with pytest.raises(RunnerError, match="decode failed"):
+            await forward(sched, 0, 0, [1], 1)
+        return await forward(sched, 1, 0, [1], 1)
 
-    first, second = asyncio.run(main())
+    second = asyncio.run(main())
     sched.close()
-    assert first == "decode failed" and second.shape == (1, 4)
+    assert second.shape == (1, 4)
+
+
+def test_a_failing_rule_fails_only_its_round():
+    backend = RecordingBackend()
+    sched = Scheduler(backend, token_budget=16, wait_window_s=0.2)
+    sched.expect(2)
+
+    def broken(rows):
+        raise IndexError("row out of range")
+
+    async def main():
+        bad = sched.submit(0, 0, [1], 1, broken).future
+        good = sched.submit(1, 0, [1], 1, copy_rows).future
+        results = await asyncio.gather(bad, good, return_exceptions=True)
+        return results
+
+    bad, good = asyncio.run(main())
+    sched.close()
+    assert isinstance(bad, RunnerError) and "row out of range" in str(bad)
+    assert good.value.shape == (1, 4)
+
+
+def test_the_worker_survives_an_event_loop_that_closed_before_its_answer():
+    gate = threading.Event()
+
+    class Slow(RecordingBackend):
+        def forward(self, items):
+            gate.wait(5)
+            return super().forward(items)
+
+    backend = Slow()
+    sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
+
+    async def leave_early():
+        sched.submit(0, 0, [1], 1, copy_rows)  # nobody awaits it; its loop closes first
+
+    asyncio.run(leave_early())
+    gate.set()
+    logits = asyncio.run(forward(sched, 1, 0, [1], 1))
+    sched.close()
+    assert logits[:, 0].tolist() == [1]
+
+
+def test_a_withdrawn_job_never_reaches_a_pass():
+    gate = threading.Event()
+
+    class Gated(RecordingBackend):
+        def forward(self, items):
+            gate.wait(5)
+            return super().forward(items)
+
+    backend = Gated()
+    sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
+
+    async def main():
+        running = sched.submit(0, 0, [1], 1, copy_rows)  # taken into a pass, blocked in the backend
+        await asyncio.sleep(0.05)
+        queued = sched.submit(1, 0, [9, 9], 1, copy_rows)
+        assert sched.withdraw(queued) and queued.future.cancelled()
+        assert not sched.withdraw(running)  # in a pass already: it completes
+        gate.set()
+        return await running.future
+
+    asyncio.run(main())
+    sched.close()
+    assert [it.slot for p in backend.passes for it in p] == [0]
 
 
 def test_calls_run_between_passes_in_submission_order():
@@ -119,7 +214,7 @@ def test_calls_run_between_passes_in_submission_order():
 
     async def main():
         saved = sched.call(lambda: events.append(("save", len(backend.passes))) or b"state")
-        logits = await sched.forward(0, 0, [1, 2], 1)  # the slot's new owner, queued after the save
+        logits = await forward(sched, 0, 0, [1, 2], 1)  # the slot's new owner, queued after the save
         events.append(("forward", len(backend.passes)))
         return await saved, logits
 
@@ -127,3 +222,14 @@ def test_calls_run_between_passes_in_submission_order():
     sched.close()
     assert state == b"state"
     assert events == [("save", 0), ("forward", 1)]
+
+
+def test_a_stopped_scheduler_refuses_work_instead_of_hanging():
+    sched = Scheduler(RecordingBackend(), token_budget=8)
+    sched.close()
+
+    async def main():
+        sched.submit(0, 0, [1], 1, None)
+
+    with pytest.raises(RunnerError, match="stopped"):
+        asyncio.run(main())

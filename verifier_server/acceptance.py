@@ -1,28 +1,57 @@
-"""Acceptance rules: which draft candidates the target confirms. Pure functions of logits."""
+"""Acceptance rules: which draft candidates the target confirms, and the token it adds after them.
+
+A runner applies a rule *where its logits live* (numpy over llama.cpp's output buffer on the
+scheduler thread; torch on a GPU; a remote engine's top-k logprobs) and only the rule's small
+result leaves it: full-vocabulary logits never travel to the event loop. A rule is a small frozen
+object: its fields are the round's payload (none for greedy; a seed or the draft's probabilities
+for the sampling rules to come), its ``accept`` is a pure function of the candidates and the rows.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import numpy as np
 
+class LogitRows(Protocol):
+    """Row ``i`` is the target's next-token logits at the position of ``candidates[i]`` (row
+    ``len(candidates)`` follows the last candidate). Rows may be views into a runner's buffer,
+    valid only while the rule runs: a rule reads them, it never keeps them."""
 
-def greedy_accept(candidates: Sequence[int], logits: np.ndarray) -> tuple[int, int]:
-    """String-level exact match, greedy.
+    def __len__(self) -> int: ...
 
-    ``logits[i]`` is the target's distribution for the position of ``candidates[i]`` (row
-    ``len(candidates)`` follows the last candidate). Returns how many leading candidates equal the
-    target's argmax, and the target's own token at the first position that is not accepted (the
-    correction, or the bonus token after a fully accepted draft). Every committed token is therefore
-    the argmax of the verifier's logits at its position.
-    """
-    best = logits.argmax(axis=1)
-    n = 0
-    while n < len(candidates) and candidates[n] == best[n]:
-        n += 1
-    return n, int(best[n])
+    def __getitem__(self, i: int) -> np.ndarray: ...
 
 
-def top2_gap(row: np.ndarray) -> float:
-    """Logit gap between the best and second-best token: how close a greedy choice was to a tie."""
-    top = np.partition(row, -2)[-2:]
-    return float(top[1] - top[0])
+@dataclass(frozen=True)
+class Acceptance:
+    """The outcome of a rule on one round."""
+
+    accepted: int  # how many leading candidates are committed
+    token: int  # the target's own token after them (the correction, or the bonus)
+
+
+class AcceptanceRule(Protocol):
+    name: str
+
+    def accept(self, candidates: Sequence[int], rows: LogitRows) -> Acceptance: ...
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """String-level exact match at temperature 0: a candidate is accepted while it equals the
+    target's argmax, so every committed token is the argmax of the verifier's logits at its
+    position. Reads rows lazily: a round rejected at its first candidate costs one argmax."""
+
+    name: str = "greedy"
+
+    def accept(self, candidates: Sequence[int], rows: LogitRows) -> Acceptance:
+        n = 0
+        while True:
+            best = int(np.argmax(rows[n]))
+            if n == len(candidates) or candidates[n] != best:
+                return Acceptance(n, best)
+            n += 1
+
+
+GREEDY = Greedy()

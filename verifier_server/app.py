@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from shared.codec import MSGPACK, JSON, DecodeError, decode, encode, wants_msgpack
 from shared.protocol import API_PREFIX, ErrorBody, ErrorResponse, SessionCreate, VerifyRequest
 from verifier_server.engine import Engine, EngineError
-from verifier_server.llama_backend import BackendError
+from verifier_server.runner import RunnerError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -69,8 +69,8 @@ def create_app(engine: Engine, expire_every_s: float = 30.0) -> FastAPI:
     async def _refused(request: Request, exc: EngineError) -> Response:
         return _error(request, exc.status, exc.code, exc.message)
 
-    @app.exception_handler(BackendError)
-    async def _backend(request: Request, exc: BackendError) -> Response:
+    @app.exception_handler(RunnerError)
+    async def _runner(request: Request, exc: RunnerError) -> Response:
         return _error(request, 503, "backend_error", f"{exc}; retry the round")
 
     @app.get(f"{API_PREFIX}/health")

@@ -5,8 +5,13 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 from shared.models import REGISTRY, ModelError, fetch, resolve
+from verifier_server.runner import RunnerError
+
+if TYPE_CHECKING:
+    from verifier_server.llama.backend import LlamaBackend
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _backend(args: argparse.Namespace, **kw):
-    from verifier_server.llama_backend import LlamaBackend
+def _backend(args: argparse.Namespace, **kw: Any) -> "LlamaBackend":
+    from verifier_server.llama.backend import LlamaBackend
 
     return LlamaBackend(resolve(args.model), args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **kw)
 
@@ -58,17 +63,21 @@ def _serve(args: argparse.Namespace) -> None:
 
     from verifier_server.app import create_app
     from verifier_server.engine import Engine, EngineConfig
+    from verifier_server.llama.runner import LlamaRunner
 
     backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
+    runner = LlamaRunner(
+        backend,
+        token_budget=args.token_budget,
+        wait_window_s=args.wait_window_ms / 1000,
+        max_parked_bytes=args.parked_mb << 20,
+    )
     config = EngineConfig(
         max_draft_tokens=args.max_draft_tokens,
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
-        max_parked_bytes=args.parked_mb << 20,
-        token_budget=args.token_budget,
-        wait_window_s=args.wait_window_ms / 1000,
     )
-    engine = Engine(backend, config)
+    engine = Engine(runner, config)
     print(f"sled-verifier: {args.model} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
@@ -78,11 +87,11 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from shared.protocol import ChatMessage
-    from verifier_server.reference import greedy_reference
+    from verifier_server.llama.reference import greedy_reference
 
     backend = _backend(args, n_slots=1, ctx_per_slot=4096)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
-    prompt = backend.text.prompt_ids(None if args.chat else args.prompt, messages)
+    prompt = backend.tokenizer.prompt_ids(None if args.chat else args.prompt, messages)
     t0 = time.perf_counter()
     ref = greedy_reference(backend, prompt, args.max_tokens)
     elapsed = time.perf_counter() - t0
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         {"serve": _serve, "generate": _generate, "models": _models}[args.command](args)
-    except ModelError as e:
+    except (ModelError, RunnerError) as e:
         sys.exit(f"sled-verifier: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

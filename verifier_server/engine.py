@@ -1,13 +1,19 @@
-"""The verifier's core: sessions, rounds and the acceptance of drafts, independent of HTTP."""
+"""The verifier's core: sessions, numbered rounds, bytes <-> target ids, stop strings and UTF-8
+hold-back, and the draft-length hint. Independent of HTTP and of the model runtime: forward work
+goes to a ``Runner``, which verifies whole rounds.
+"""
 from __future__ import annotations
 
 import asyncio
 import time
-from functools import partial
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from shared.alignment import continuation_ids
-from shared.llama_text import ChatTemplateError
+from shared.chat import ChatTemplateError
 from shared.protocol import (
     PROTOCOL_VERSION,
     Limits,
@@ -18,11 +24,13 @@ from shared.protocol import (
     VerifyResponse,
 )
 from shared.utf8 import common_prefix_len, complete_prefix_len
-from verifier_server.acceptance import greedy_accept
-from verifier_server.backend import Backend, ForwardItem
-from verifier_server.draft_hint import CostCurve, DraftHint
-from verifier_server.scheduler import Scheduler
-from verifier_server.session import Session, SlotTable
+from verifier_server.acceptance import GREEDY
+from verifier_server.draft_hint import recommend
+from verifier_server.runner import Runner
+from verifier_server.session import Session
+
+# Rounds whose engine overhead /v1/stats summarises (a fresh benchmark verifier sees them all).
+OVERHEAD_WINDOW = 100_000
 
 
 class EngineError(Exception):
@@ -58,118 +66,123 @@ class EngineConfig:
     max_draft_tokens: int = 16
     max_sessions: int = 64
     session_ttl_s: float = 600.0
-    token_budget: int = 512
-    wait_window_s: float = 0.002
-    max_parked_bytes: int = 1 << 30
-
-
-def calibrate(backend: Backend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> CostCurve:
-    """Time one forward pass of each size on a scratch slot: the start-up cost curve of the
-    draft-length hint, refined later by live passes. Logits are taken at every position, as a verify
-    round needs them (the output layer is a large share of a small model's pass)."""
-    tokens = backend.text.encode(b"def f(x):\n    return x * 2\n" * 16)[: max(sizes)]
-    backend.forward([ForwardItem(0, 0, tokens[:1], 1)])  # warm-up
-    points = {}
-    for b in sizes:
-        t0 = time.perf_counter()
-        backend.forward([ForwardItem(0, 0, tokens[:b], b)])
-        points[b] = time.perf_counter() - t0
-    return CostCurve(points)
 
 
 class Engine:
-    def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
-        self.backend = backend
+    def __init__(self, runner: Runner, config: EngineConfig | None = None) -> None:
+        self.runner = runner
         self.config = config or EngineConfig()
-        curve = calibrate(backend)
-        self.scheduler = Scheduler(backend, self.config.token_budget, self.config.wait_window_s)
-        self.slots = SlotTable(backend.n_slots, on_evict=self._park)
-        self.parked_bytes = 0
         self.sessions: dict[str, Session] = {}
-        self.hint = DraftHint(self.scheduler.stats, curve, self.config.max_draft_tokens)
+        # idempotency key -> the creation in progress or done (its answer, or its error)
+        self._created: dict[str, tuple[SessionCreate, asyncio.Future[SessionCreated]]] = {}
         self.committed_tokens = 0
         self.rounds = 0
+        # Per round: seconds in the engine and runner outside the model and the wait for a pass.
+        self.round_overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
 
     # --- info ---------------------------------------------------------------------------------
     def info(self) -> ServerInfo:
-        text = self.backend.text
+        tok = self.runner.tokenizer
         return ServerInfo(
             protocol_version=PROTOCOL_VERSION,
-            model=self.backend.model_name,
-            backend=self.backend.name,
-            n_vocab=text.n_vocab,
-            tokenizer=text.kind,
-            chat_template=text.chat_template is not None,
-            capabilities=["greedy", "chat", "stop", "resume", "draft-hint"],
+            model=self.runner.model_name,
+            backend=self.runner.name,
+            n_vocab=tok.n_vocab,
+            tokenizer=tok.kind,
+            chat_template=tok.chat_template is not None,
+            capabilities=["greedy", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
-                max_context_tokens=self.backend.ctx_per_slot,
+                max_context_tokens=self.runner.max_context_tokens,
                 max_sessions=self.config.max_sessions,
-                sequence_slots=self.backend.n_slots,
-                max_parked_bytes=self.config.max_parked_bytes,
+                sequence_slots=self.runner.sequence_slots,
+                max_parked_bytes=self.runner.max_parked_bytes,
             ),
         )
 
-    def stats(self) -> dict:
-        """Counters for monitoring and the benchmark."""
-        st = self.scheduler.stats
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring and the benchmark: the engine's, then the runner's."""
+        overhead = np.asarray(self.round_overhead_s) * 1e3
+        p50, p95 = np.percentile(overhead, [50, 95]) if overhead.size else (0.0, 0.0)
         return {
             "sessions": len(self.sessions),
-            "slots_in_use": self.slots.in_use,
-            "parked_sessions": sum(1 for x in self.sessions.values() if x.parked is not None),
-            "parked_bytes": self.parked_bytes,
             "rounds": self.rounds,
             "committed_tokens": self.committed_tokens,
-            "forward_passes": st.forward_passes,
-            "positions": st.positions,
-            "busy_s": st.busy_s,
-            "cost_curve_s": self.hint.curve.as_dict(),
-            "batch_sizes": {str(b): c for b, c in sorted(st.batch_sizes.items())},
+            "round_overhead_ms": {"p50": round(float(p50), 4), "p95": round(float(p95), 4),
+                                  "rounds": int(overhead.size)},
+            **self.runner.stats(),
         }
 
     # --- sessions -----------------------------------------------------------------------------
     async def create(self, req: SessionCreate) -> SessionCreated:
+        """Open a session; with an idempotency key, a repeat returns the first one's answer."""
+        key = req.idempotency_key
+        if key is None:
+            return await self._create(req)
+        if key in self._created:
+            first, answer = self._created[key]
+            if first != req:
+                raise Conflict(f"idempotency key '{key}' was used for a different session request")
+            return await asyncio.shield(answer)
+        answer = asyncio.get_running_loop().create_future()
+        self._created[key] = (req, answer)
+        try:
+            created = await self._create(req)
+        except BaseException as e:
+            del self._created[key]  # nothing was created: a retry may try again
+            answer.set_exception(e)
+            answer.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        answer.set_result(created)
+        return created
+
+    async def _create(self, req: SessionCreate) -> SessionCreated:
         self.expire_idle()
         if len(self.sessions) >= self.config.max_sessions:
             raise Busy(f"the server holds its maximum of {self.config.max_sessions} sessions")
-        text = self.backend.text
-        try:
-            prompt = text.prompt_ids(req.prompt, req.messages)
+        tok = self.runner.tokenizer
+        try:  # template rendering and tokenization scale with the prompt: off the event loop
+            prompt = await asyncio.to_thread(tok.prompt_ids, req.prompt, req.messages)
         except ChatTemplateError as e:
             raise EngineError(str(e)) from None
         if not prompt:
             raise EngineError("the prompt is empty")
-        bad = [t for t in req.resume_ids if not 0 <= t < text.n_vocab]
+        bad = [t for t in req.resume_ids if not 0 <= t < tok.n_vocab]
         if bad:
-            raise EngineError(f"resume_ids holds ids outside the vocabulary (0..{text.n_vocab - 1}): {bad[:5]}")
+            raise EngineError(f"resume_ids holds ids outside the vocabulary (0..{tok.n_vocab - 1}): {bad[:5]}")
         need = len(prompt) + req.max_tokens + self.config.max_draft_tokens
-        if need > self.backend.ctx_per_slot:
+        if need > self.runner.max_context_tokens:
             raise TooLarge(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) + draft "
-                f"({self.config.max_draft_tokens}) exceed the context of {self.backend.ctx_per_slot} tokens"
+                f"({self.config.max_draft_tokens}) exceed the context of {self.runner.max_context_tokens} tokens"
             )
         s = Session(
             prompt_len=len(prompt),
             ids=prompt,
             max_tokens=req.max_tokens,
             stop=[x.encode() for x in req.stop],
+            idempotency_key=req.idempotency_key,
         )
         self._commit(s, req.resume_ids)
         s.sent = s.sendable_end()
         self.sessions[s.id] = s
         async with s.lock:
-            await self._prefill(s)
+            try:
+                await self.runner.prefill(s.id, s.ids)
+            except BaseException:
+                self._forget(s)
+                raise
         return SessionCreated(
             session_id=s.id,
             prompt_tokens=len(prompt),
             max_tokens=req.max_tokens,
-            max_draft_tokens=self.hint.limit(s),
+            draft_hint=self._hint(s),
         )
 
     async def delete(self, session_id: str) -> None:
         s = self._get(session_id)
-        async with s.lock:  # never free a slot under a round in flight
+        async with s.lock:  # a round in flight finishes first
             self._forget(s)
 
     def expire_idle(self) -> None:
@@ -179,46 +192,11 @@ class Engine:
             self._forget(s)
 
     def _forget(self, s: Session) -> None:
-        self.slots.release(s)
-        self._unpark(s)
-        self.sessions.pop(s.id, None)
-
-    # --- parking ------------------------------------------------------------------------------
-    def _park(self, s: Session, slot: int) -> None:
-        """Save an evicted session's KV state to host memory; queued before the slot's new owner
-        writes to it, so the copy is exact. Over the budget, the least recently used parked
-        sessions are dropped instead (they are rebuilt from their ids when they return)."""
-        if s.kv_len == 0 or s.finished:
+        if self.sessions.pop(s.id, None) is None:
             return
-        s.parked, s.parked_len = self.scheduler.call(partial(self.backend.save_state, slot)), s.kv_len
-
-        def saved(fut: asyncio.Future) -> None:
-            if fut.cancelled() or fut.exception() is not None or s.parked is not fut:
-                return
-            s.parked_bytes = len(fut.result())
-            self.parked_bytes += s.parked_bytes
-            parked = sorted((x for x in self.sessions.values() if x.parked is not None and x.parked.done()),
-                            key=lambda x: x.last_used)
-            for old in parked:
-                if self.parked_bytes <= self.config.max_parked_bytes:
-                    break
-                self._unpark(old)
-
-        s.parked.add_done_callback(saved)
-
-    def _unpark(self, s: Session) -> bytes | None:
-        """Take a session's parked state out of host memory (None if it has none)."""
-        fut, s.parked = s.parked, None
-        self.parked_bytes -= s.parked_bytes  # counted once the save completed, whatever came first
-        s.parked_bytes = 0
-        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
-            return None
-        return fut.result()
-
-    def _active_sessions(self, now: float, within_s: float = 2.0) -> int:
-        """Sessions generating right now (a round within the last ``within_s``): the rounds the
-        scheduler can expect to batch together."""
-        return sum(1 for x in self.sessions.values() if not x.finished and now - x.last_used < within_s)
+        if s.idempotency_key is not None:
+            self._created.pop(s.idempotency_key, None)
+        self.runner.release(s.id)
 
     def _get(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)
@@ -226,12 +204,20 @@ class Engine:
             raise NotFound(f"unknown session '{session_id}' (expired, deleted, or on another replica)")
         return s
 
+    def _active_sessions(self, now: float, within_s: float = 2.0) -> int:
+        """Sessions generating right now (a round within the last ``within_s``): the rounds the
+        runner can expect to batch together."""
+        return sum(1 for x in self.sessions.values() if not x.finished and now - x.last_used < within_s)
+
     # --- rounds -------------------------------------------------------------------------------
     async def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse:
         s = self._get(session_id)
         async with s.lock:
+            if self.sessions.get(session_id) is not s:  # deleted or expired while we waited
+                raise NotFound(f"session '{session_id}' was deleted")
+            t0 = time.perf_counter()
             s.touch()
-            self.scheduler.expected_rounds = self._active_sessions(s.last_used)
+            self.runner.expect_rounds(self._active_sessions(s.last_used))
             if s.last is not None and req.round == s.round:
                 return s.last  # a retry: same answer, nothing committed twice
             if req.round != s.round + 1:
@@ -247,63 +233,44 @@ class Engine:
             # since (an incomplete character, a possible stop string) must open the draft.
             pending = bytes(s.text[s.sent :])
             draft = draft[len(pending) :] if draft.startswith(pending) else b""
-            room = min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1)
-            candidates = continuation_ids(self.backend.text, s.ids, draft)[: max(room, 0)]
-            logits = await self._forward(s, candidates)
-            n_acc, correction = greedy_accept(candidates, logits)
-            self.hint.observe(s, len(candidates), n_acc)
+            room = max(min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1), 0)
+            candidates = []
+            if draft and room:
+                ids = list(s.ids)  # a snapshot: the thread must not see the list change
+                candidates = (await asyncio.to_thread(continuation_ids, self.runner.tokenizer, ids, draft))[:room]
+            outcome = await self.runner.verify(s.id, s.ids, candidates, GREEDY)
+            s.history.observe(len(candidates), outcome.accepted)
             old = len(s.ids)
-            s.kv_len = old + n_acc  # accepted candidates stay in the KV; the next pass drops the rest
-            self._commit(s, candidates[:n_acc] + [correction])
+            self._commit(s, candidates[: outcome.accepted] + [outcome.token])
             self.committed_tokens += len(s.ids) - old
-            return self._respond(s, req, s.ids[old:], len(candidates), n_acc)
-
-    async def _prefill(self, s: Session) -> None:
-        """Evaluate everything but the last committed id (the next round evaluates it with the draft)."""
-        if len(s.ids) > 1:
-            await self._run(s, s.ids[:-1], n_logits=0)
-
-    async def _forward(self, s: Session, candidates: list[int]):
-        return await self._run(s, s.ids + candidates, n_logits=len(candidates) + 1)
-
-    async def _run(self, s: Session, tokens: list[int], n_logits: int):
-        """Evaluate ``tokens`` (the session's full sequence) from what its slot already holds."""
-        while (slot := self.slots.acquire(s)) is None:
-            await asyncio.sleep(0.005)  # every slot is mid-round; one frees within a forward pass
-        if s.parked is not None:
-            await asyncio.wait([s.parked])
-            state = self._unpark(s)
-            if state is not None:
-                await self.scheduler.call(partial(self.backend.load_state, slot, state))
-                s.kv_len = s.parked_len
-        start = min(s.kv_len, len(tokens) - max(n_logits, 1))
-        try:
-            logits = await self.scheduler.forward(slot, start, tokens[start:], n_logits)
-        except Exception:
-            self.slots.release(s)  # the slot's KV state is unknown now: rebuild next time
-            raise
-        s.kv_len = len(tokens)
-        return logits
+            resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
+            self.round_overhead_s.append(time.perf_counter() - t0 - outcome.queue_s - outcome.model_s)
+            return resp
 
     def _commit(self, s: Session, new_ids: list[int]) -> None:
         """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""
-        text = self.backend.text
+        tok = self.runner.tokenizer
+        longest = max((len(x) for x in s.stop), default=0)
         for t in new_ids:
             if s.finished:
                 break
             s.ids.append(t)
-            if text.is_eog(t):
+            if tok.is_eog(t):
                 s.finish_reason = "eos"
                 break
             before = len(s.text)
-            s.text += text.piece(t)
-            longest = max((len(x) for x in s.stop), default=0)
+            s.text += tok.piece(t)
             cut = s.find_stop(max(0, before - longest + 1)) if s.stop else None
             if cut is not None:
                 del s.text[cut:]
                 s.finish_reason = "stop"
             elif s.generated >= s.max_tokens:
                 s.finish_reason = "length"
+
+    def _hint(self, s: Session) -> int:
+        if s.finished:
+            return 0
+        return recommend(s.history, self.runner.round_cost(), self.config.max_draft_tokens)
 
     def _respond(self, s: Session, req: VerifyRequest, new_ids: list[int], n_cand: int, n_acc: int) -> VerifyResponse:
         end = s.sendable_end()
@@ -317,7 +284,7 @@ class Engine:
             committed_tokens=s.generated,
             finished=s.finished,
             finish_reason=s.finish_reason,
-            max_draft_tokens=0 if s.finished else self.hint.limit(s),
+            draft_hint=self._hint(s),
         )
         s.sent = end
         s.round = req.round
@@ -326,5 +293,4 @@ class Engine:
         return resp
 
     def close(self) -> None:
-        self.scheduler.close()
-        self.backend.close()
+        self.runner.close()

@@ -13,12 +13,30 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from shared.llama_text import LlamaText, quiet_llama_logs
-from verifier_server.backend import ForwardItem
+from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
+from verifier_server.llama.forward import ForwardItem
+from verifier_server.runner import RunnerError
 
 
-class BackendError(RuntimeError):
+class BackendError(RunnerError):
     """The model could not be loaded or a forward pass failed."""
+
+
+class _Rows:
+    """An item's logits rows as views into llama.cpp's output buffer (valid until the next decode):
+    an acceptance rule reads the rows it needs, and nothing is copied."""
+
+    def __init__(self, ctx: llama_cpp.llama_context_p, start: int, n: int, n_vocab: int) -> None:
+        self._ctx, self._start, self._n, self._n_vocab = ctx, start, n, n_vocab
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if not 0 <= j < self._n:
+            raise IndexError(f"row {j} of {self._n}")
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, self._start + j)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
 
 class LlamaBackend:
@@ -44,7 +62,7 @@ class LlamaBackend:
         self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {model_path}")
-        self.text = LlamaText(self._model)
+        self.tokenizer = LlamaTokenizer(self._model)
         self.n_params = int(llama_cpp.llama_model_n_params(self._model))
 
         cparams = llama_cpp.llama_context_default_params()
@@ -66,25 +84,18 @@ class LlamaBackend:
 
     def _check_rollback(self) -> None:
         """Rolling back rejected positions must work for this model (it does not for recurrent ones)."""
-        tokens = self.text.encode(b"a b")[:2] or [0, 0]
+        tokens = self.tokenizer.encode(b"a b")[:2] or [0, 0]
         self._decode([ForwardItem(0, 0, tokens, 0)])
         ok = llama_cpp.llama_memory_seq_rm(self._mem, 0, 1, -1)
         llama_cpp.llama_memory_clear(self._mem, True)
         if not ok:
             raise BackendError(f"{self.model_name}: KV rollback is not supported for this model")
 
-    def forward(self, items: Sequence[ForwardItem]) -> list[np.ndarray]:
+    def forward(self, items: Sequence[ForwardItem]) -> list[_Rows]:
         for it in items:
             llama_cpp.llama_memory_seq_rm(self._mem, it.slot, it.pos, -1)
-        rows = self._decode(items)
-        out: list[np.ndarray] = []
-        for it, start in zip(items, rows):
-            logits = np.empty((it.n_logits, self.text.n_vocab), dtype=np.float32)
-            for j in range(it.n_logits):
-                ptr = llama_cpp.llama_get_logits_ith(self._ctx, start + j)
-                logits[j] = np.ctypeslib.as_array(ptr, shape=(self.text.n_vocab,))
-            out.append(logits)
-        return out
+        starts = self._decode(items)
+        return [_Rows(self._ctx, start, it.n_logits, self.tokenizer.n_vocab) for it, start in zip(items, starts)]
 
     def _decode(self, items: Sequence[ForwardItem]) -> list[int]:
         """Fill the batch and decode; returns each item's first logits row index in the batch."""

@@ -1,7 +1,7 @@
 """Tokenizer and chat template of a llama.cpp model, for both the drafter and the verifier.
 
-Imports llama-cpp-python, which both the ``agent`` and ``verifier`` extras install; the rest of
-``shared`` does not depend on it.
+The one module of ``shared`` that imports llama-cpp-python (both the ``agent`` and ``verifier``
+extras install it); the protocol, codec and alignment helpers do not depend on it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Sequence
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from shared.protocol import ChatMessage, chat_transcript
+from shared.chat import ChatTemplateError, chat_transcript
+from shared.protocol import ChatMessage
 
 _VOCAB_TYPES = {1: "SentencePiece", 2: "byte-level BPE", 3: "WordPiece", 4: "Unigram", 5: "RWKV"}
 
@@ -31,12 +32,8 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_errors_only, ctypes.c_void_p(0))
 
 
-class ChatTemplateError(ValueError):
-    """The model has no chat template, or it failed to render the conversation."""
-
-
-class LlamaText:
-    """Text side of one loaded llama.cpp model: encode/decode bytes and render chat prompts.
+class LlamaTokenizer:
+    """The tokenizer of one loaded llama.cpp model: encode/decode bytes and render chat prompts.
 
     Pieces are cached: alignment asks for the same ids over and over.
     """

@@ -1,4 +1,4 @@
-"""The interface every target-model backend implements (llama.cpp now, torch later).
+"""The forward-pass interface the scheduler drives (llama.cpp's backend, or a fake in tests).
 
 A backend owns the model and a KV store of ``n_slots`` sequences. The scheduler is its only caller
 and calls it from one thread, so implementations need no locking.
@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-import numpy as np
-
-from shared.alignment import Tokenizer
+from verifier_server.acceptance import LogitRows
+from verifier_server.runner import TargetTokenizer
 
 
 @dataclass(frozen=True)
@@ -27,29 +26,18 @@ class ForwardItem:
     n_logits: int
 
 
-class TargetText(Tokenizer, Protocol):
-    """The target tokenizer as the verifier uses it (alignment plus prompts and end-of-generation)."""
-
-    n_vocab: int
-    kind: str
-    chat_template: str | None
-
-    def is_eog(self, token: int) -> bool: ...
-
-    def prompt_ids(self, prompt: str | None, messages: Sequence) -> list[int]: ...
-
-
-class Backend(Protocol):
+class ForwardBackend(Protocol):
     name: str
     model_name: str
-    text: TargetText
+    tokenizer: TargetTokenizer
     n_slots: int
     ctx_per_slot: int
     max_batch_tokens: int
     n_params: int
 
-    def forward(self, items: Sequence[ForwardItem]) -> list[np.ndarray]:
-        """One batched forward pass; returns, per item, logits of shape (n_logits, n_vocab)."""
+    def forward(self, items: Sequence[ForwardItem]) -> list[LogitRows]:
+        """One batched forward pass; per item, its ``n_logits`` rows of logits. Rows may be views
+        into the backend's output buffer: valid until the next call."""
         ...
 
     def save_state(self, slot: int) -> bytes:

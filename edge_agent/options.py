@@ -1,0 +1,39 @@
+"""The agent's command-line options, defined once for ``sled-agent`` and the benchmark's devices."""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from edge_agent.agent import DEFAULT_DRAFT_TOKENS, Agent
+from edge_agent.client import VerifierClient
+from shared.models import resolve
+
+if TYPE_CHECKING:
+    from edge_agent.drafter import Drafter
+
+
+def add_agent_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--server", default="http://127.0.0.1:8000", help="verifier base URL")
+    ap.add_argument("--drafter", default="smollm2-135m", help="registry name or GGUF path; 'none' for plain decoding")
+    ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="longest draft per round, in drafter tokens")
+    ap.add_argument("--fixed-draft", action="store_true", help="ignore the verifier's draft-length hint")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="drafter CPU threads (default: all cores)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra round-trip time")
+
+
+def load_drafter(args: argparse.Namespace) -> "Drafter | None":
+    """The drafter the options name (None for plain decoding). Imports llama.cpp only now, so that
+    bad options fail fast."""
+    from edge_agent.drafter import Drafter
+
+    return None if args.drafter == "none" else Drafter(resolve(args.drafter), n_threads=args.threads)
+
+
+def open_client(args: argparse.Namespace) -> VerifierClient:
+    return VerifierClient(args.server, timeout_s=args.timeout, network_delay_s=args.network_delay_ms / 1000)
+
+
+def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: "Drafter | None") -> Agent:
+    return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft)

@@ -1,0 +1,50 @@
+"""The lossless rule, as the tests and the benchmark judge it.
+
+Every committed token is the argmax of the verifier's own logits at its position, by construction.
+Against a plain autoregressive run of the same target, outputs are identical, or the first
+divergence falls at a near-tie: batched and one-by-one forward passes differ in the last bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# A divergence from the reference is accepted only where the reference's top-2 logit gap is below
+# this; a teacher-forced committed token may trail the one-by-one argmax by no more than this.
+NEAR_TIE_GAP = 0.5
+
+
+@dataclass
+class Reference:
+    """Plain greedy decoding of a target: its ids, text and top-2 logit gap at every step."""
+
+    ids: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    text: bytes = b""
+    finish_reason: str = "length"
+
+
+@dataclass
+class Verdict:
+    kind: str  # "identical", "near_tie" or "diverged"
+    position: int = -1
+    gap: float = 0.0
+
+
+def top2_gap(row: np.ndarray) -> float:
+    """Logit gap between the best and second-best token: how close a greedy choice was to a tie."""
+    top = np.partition(row, -2)[-2:]
+    return float(top[1] - top[0])
+
+
+def judge(ids: list[int], ref: Reference) -> Verdict:
+    """The lossless rule: ``ids`` equal the reference, or first differ where it was a near-tie."""
+    n = min(len(ids), len(ref.ids))
+    for i in range(n):
+        if ids[i] != ref.ids[i]:
+            kind = "near_tie" if ref.gaps[i] < NEAR_TIE_GAP else "diverged"
+            return Verdict(kind, i, ref.gaps[i])
+    if len(ids) != len(ref.ids):
+        return Verdict("diverged", n, 0.0)
+    return Verdict("identical")

@@ -1,0 +1,96 @@
+"""``sled-verifier serve`` as a child process on loopback: the one launcher of the tests and the
+benchmark (and of anything else that needs a real verifier next to it)."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class LaunchError(RuntimeError):
+    """The verifier process exited or never became healthy; the message ends with its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], log: Path | None, cores: tuple[int, ...] | None = None, **kw: Any) -> subprocess.Popen:
+    """Start ``cmd`` with stderr to ``log`` (and stdout too unless redirected; nowhere without a
+    log), pinned to ``cores`` from its first instruction when given (its threads inherit that)."""
+    pin = functools.partial(os.sched_setaffinity, 0, cores) if cores else None
+    if log is None:
+        return subprocess.Popen(cmd, stdout=kw.pop("stdout", subprocess.DEVNULL), stderr=subprocess.DEVNULL,
+                                preexec_fn=pin, **kw)
+    with log.open("wb") as err:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=kw.pop("stdout", err), stderr=err, preexec_fn=pin, **kw)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class VerifierProcess:
+    """A verifier serving ``model`` with extra ``serve`` options; a context manager that stops it."""
+
+    def __init__(
+        self,
+        model: str,
+        *options: str,
+        threads: int = 2,
+        cores: tuple[int, ...] | None = None,
+        log: Path | None = None,
+        startup_timeout_s: float = 300.0,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "verifier_server.cli", "serve", "--model", model,
+               "--port", str(self.port), "--threads", str(threads), *options]
+        self.proc = spawn(cmd, log, cores)
+        self._wait_healthy(startup_timeout_s)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LaunchError(f"the verifier exited with code {self.proc.returncode}{self._tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        stop(self.proc)
+        raise LaunchError(f"the verifier was not healthy after {timeout_s:.0f} s{self._tail()}")
+
+    def _tail(self, n: int = 2000) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return ":\n" + self.log.read_text(errors="replace")[-n:]
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def __enter__(self) -> "VerifierProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
