@@ -14,10 +14,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-from edge_agent.agent import DEFAULT_DRAFT_TOKENS
-from shared.models import ModelError, resolve
-from verifier_server.process import LaunchError
+from typing import Any
 
 from bench import report
 from bench.gpu_model import GpuModel
@@ -26,14 +23,17 @@ from bench.procs import BenchError, CorePlan, plan_cores
 from bench.runner import MODES, Measurement, RunConfig, Settings, run
 from bench.target import TargetProfile, profile
 from bench.workload import DEFAULT_WORKLOAD, Prompt, load
+from edge_agent.agent import DEFAULT_DRAFT_TOKENS
+from shared.models import ModelError, resolve
+from verifier_server.process import LaunchError
 
 PAIRS = (
     "smollm2-135m->qwen2.5-coder-1.5b",
     "gemma-3-270m->qwen2.5-coder-1.5b",
     "qwen2.5-coder-0.5b->qwen2.5-coder-1.5b",
 )
-QUICK = {"pairs": PAIRS, "n": (1, 4), "prompts": 4, "max_tokens": 64}
-FULL = {"pairs": PAIRS, "n": (1, 2, 4, 8), "prompts": 24, "max_tokens": 128}
+QUICK: dict[str, Any] = {"pairs": PAIRS, "n": (1, 4), "prompts": 4, "max_tokens": 64}
+FULL: dict[str, Any] = {"pairs": PAIRS, "n": (1, 2, 4, 8), "prompts": 24, "max_tokens": 128}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ class _Grid:
                     if pair_target != target:
                         continue
                     for mode in self.modes:
-                        m = plain if mode == "plain" else self._run(target, drafter, mode, n)
+                        m = plain if plain is not None and mode == "plain" else self._run(target, drafter, mode, n)
                         records.append(record(pair, m, prof, gpu))
         order = {p: i for i, p in enumerate(self.pairs)}
         records.sort(key=lambda r: (order[r["pair"]], r["n_devices"], MODES.index(r["mode"])))

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.procs import BenchError
+from bench.workload import Prompt
 from verifier_server.llama.forward import ForwardBackend
 from verifier_server.llama.reference import greedy_reference
 from verifier_server.lossless import Reference, judge
-
-from bench.procs import BenchError
-from bench.workload import Prompt
 
 
 def references(backend: ForwardBackend, prompts: list[Prompt], max_tokens: int) -> dict[str, Reference]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from shared.models import resolve
-from verifier_server.llama.backend import LlamaBackend
-from verifier_server.llama.calibration import measure_cost_curve
-from verifier_server.lossless import Reference
-
 from bench.lossless import references
 from bench.workload import Prompt
+from shared.models import resolve
+from verifier_server.llama.calibration import measure_cost_curve
+from verifier_server.lossless import Reference
 
 COST_CURVE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 COST_CURVE_REPEATS = 3
@@ -32,6 +30,8 @@ class TargetProfile:
 
 def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[int, ...]) -> TargetProfile:
     """Load ``target`` on ``cores`` (this process is pinned there meanwhile) and measure it."""
+    from verifier_server.llama.backend import LlamaBackend  # the one import of llama.cpp here
+
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cores)
     try:

@@ -14,9 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
-
 from bench.workload import load
+from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
 
 # One round can wait behind every other device's round on a loaded two-core machine.
 REQUEST_TIMEOUT_S = 300.0

@@ -22,7 +22,7 @@ class Prompt:
     messages: tuple[ChatMessage, ...] | None = None
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Prompt":
+    def from_json(cls, obj: dict) -> Prompt:
         messages = obj.get("messages")
         if (obj.get("prompt") is None) == (messages is None):
             raise ValueError(f"workload item {obj.get('id')!r}: give exactly one of 'prompt' or 'messages'")

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from edge_agent.client import VerifierClient, VerifierError
-from edge_agent.drafter import Drafter
 from shared.protocol import ChatMessage, FinishReason, SessionCreate
+
+if TYPE_CHECKING:
+    from edge_agent.drafter import Drafter
 
 # The longest draft a device offers; the verifier's hint shortens it to what pays on its hardware.
 # 10 measured best under the modeled memory-bound GPU verifier (README, "Draft length").

@@ -6,6 +6,7 @@ server.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TypeVar
 
@@ -56,7 +57,7 @@ class VerifierClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "VerifierClient":
+    def __enter__(self) -> VerifierClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -73,10 +74,8 @@ class VerifierClient:
         return self._call("POST", f"/sessions/{session_id}/verify", req, VerifyResponse)
 
     def delete_session(self, session_id: str) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # best effort: the server expires idle sessions
             self._http.delete(f"/sessions/{session_id}")
-        except httpx.HTTPError:
-            pass  # best effort: the server expires idle sessions anyway
 
     def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M:
         content = encode(body, as_msgpack=True) if body is not None else None

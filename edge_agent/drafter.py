@@ -7,11 +7,11 @@ prefix with what it already evaluated, so an accepted draft costs no re-evaluati
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import llama_cpp
+import numpy as np
 
 from shared.alignment import spell
 from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs

@@ -23,7 +23,7 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra round-trip time")
 
 
-def load_drafter(args: argparse.Namespace) -> "Drafter | None":
+def load_drafter(args: argparse.Namespace) -> Drafter | None:
     """The drafter the options name (None for plain decoding). Imports llama.cpp only now, so that
     bad options fail fast."""
     from edge_agent.drafter import Drafter
@@ -35,5 +35,5 @@ def open_client(args: argparse.Namespace) -> VerifierClient:
     return VerifierClient(args.server, timeout_s=args.timeout, network_delay_s=args.network_delay_ms / 1000)
 
 
-def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: "Drafter | None") -> Agent:
+def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | None) -> Agent:
     return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft)

@@ -9,7 +9,8 @@ them. Existing ids never change: when the tokenizer wants to merge across the bo
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from shared.utf8 import starts_mid_character
 

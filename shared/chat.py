@@ -1,7 +1,7 @@
 """Chat conventions both sides share, independent of any model runtime."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from shared.protocol import ChatMessage
 

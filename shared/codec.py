@@ -17,7 +17,7 @@ class DecodeError(ValueError):
 
 
 def wants_msgpack(content_type: str | None) -> bool:
-    return bool(content_type) and "msgpack" in content_type.lower()
+    return content_type is not None and "msgpack" in content_type.lower()
 
 
 def encode(message: BaseModel, as_msgpack: bool) -> bytes:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -115,7 +116,7 @@ class LlamaTokenizer:
         eos = self._token_bytes(self.eos, special=True).decode(errors="replace") if self.eos >= 0 else ""
         try:
             formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos)
-            result = formatter(messages=[m.model_dump() for m in messages])
+            result = formatter(messages=[cast(Any, m.model_dump()) for m in messages])
         except Exception as e:  # jinja raises many types, including on template logic errors
             raise ChatTemplateError(f"chat template failed to render: {e}") from None
         return result.prompt.encode()

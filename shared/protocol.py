@@ -45,7 +45,7 @@ class SessionCreate(_Message):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
 
     @model_validator(mode="after")
-    def _one_prompt_form(self) -> "SessionCreate":
+    def _one_prompt_form(self) -> SessionCreate:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (raw text) or 'messages' (chat)")
         if self.messages is not None and not self.messages:

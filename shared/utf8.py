@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def complete_prefix_len(data: bytes) -> int:
+def complete_prefix_len(data: bytes | bytearray) -> int:
     """Length of the longest prefix of ``data`` that does not end inside a UTF-8 character.
 
     Only the last (at most 3) bytes are inspected; bytes that can never start a character
@@ -25,7 +25,7 @@ def starts_mid_character(data: bytes) -> bool:
     return bool(data) and 0x80 <= data[0] < 0xC0
 
 
-def common_prefix_len(a: bytes | list[int], b: bytes | list[int]) -> int:
+def common_prefix_len(a: bytes | bytearray | list[int], b: bytes | bytearray | list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

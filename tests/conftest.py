@@ -1,8 +1,8 @@
 """Fixtures over real parts: GGUF models from the registry, a real verifier process on loopback."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -43,7 +43,7 @@ def test_sentencepiece_fragment_alone_would_differ(tokenizer):
     """Why the window exists: with left context the continuation matches whole-text tokenization."""
     tok = tokenizer(SPM)
     existing = tok.encode("La crème brûlée est".encode())
-    ids = continuation_ids(tok, existing, " un dessert".encode())
+    ids = continuation_ids(tok, existing, b" un dessert")
     assert existing + ids == tok.encode("La crème brûlée est un dessert".encode())
 
 

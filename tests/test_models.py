@@ -21,7 +21,7 @@ def test_a_local_path_is_taken_as_is(tmp_path):
 
 
 def test_unknown_name_lists_the_built_in_models():
-    with pytest.raises(ModelError, match="unknown model 'nope'.*smollm2-135m"):
+    with pytest.raises(ModelError, match=r"unknown model 'nope'.*smollm2-135m"):
         resolve("nope")
 
 

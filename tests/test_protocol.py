@@ -9,8 +9,8 @@ import sys
 import httpx
 import msgpack
 import pytest
-
 from conftest import ROOT
+
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
 from shared.codec import decode
@@ -21,6 +21,7 @@ from verifier_server.lossless import judge
 TARGET = "qwen2.5-coder-0.5b"
 PROMPT = "def is_prime(n):\n"
 MSGPACK = {"content-type": "application/msgpack", "accept": "application/msgpack"}
+pytestmark = pytest.mark.slow  # a real verifier process on a real model
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +130,9 @@ def test_bad_input_gets_clear_errors_and_others_keep_being_served(server):
 
 
 def test_client_reports_an_unreachable_server():
-    with VerifierClient("http://127.0.0.1:9", retries=0) as client:
-        with pytest.raises(VerifierError, match="cannot reach the verifier"):
-            client.info()
+    with VerifierClient("http://127.0.0.1:9", retries=0) as client, \
+            pytest.raises(VerifierError, match="cannot reach the verifier"):
+        client.info()
 
 
 @pytest.mark.parametrize(

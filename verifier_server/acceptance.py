@@ -8,10 +8,12 @@ for the sampling rules to come), its ``accept`` is a pure function of the candid
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
+
 
 class LogitRows(Protocol):
     """Row ``i`` is the target's next-token logits at the position of ``candidates[i]`` (row
@@ -32,7 +34,8 @@ class Acceptance:
 
 
 class AcceptanceRule(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def accept(self, candidates: Sequence[int], rows: LogitRows) -> Acceptance: ...
 

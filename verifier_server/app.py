@@ -13,7 +13,7 @@ from typing import TypeVar
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
 
-from shared.codec import MSGPACK, JSON, DecodeError, decode, encode, wants_msgpack
+from shared.codec import JSON, MSGPACK, DecodeError, decode, encode, wants_msgpack
 from shared.protocol import API_PREFIX, ErrorBody, ErrorResponse, SessionCreate, VerifyRequest
 from verifier_server.engine import Engine, EngineError
 from verifier_server.runner import RunnerError

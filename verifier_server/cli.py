@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _backend(args: argparse.Namespace, **kw: Any) -> "LlamaBackend":
+def _backend(args: argparse.Namespace, **kw: Any) -> LlamaBackend:
     from verifier_server.llama.backend import LlamaBackend
 
     return LlamaBackend(resolve(args.model), args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **kw)

@@ -9,8 +9,8 @@ would hide where batching pays.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 # Seconds that a round of ``n`` positions (last committed token plus n - 1 candidates) adds to the
 # pass it rides in, at the current load.

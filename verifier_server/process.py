@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+
+V = TypeVar("V", bound="VerifierProcess")
 
 
 class LaunchError(RuntimeError):
@@ -89,7 +91,7 @@ class VerifierProcess:
     def stop(self) -> None:
         stop(self.proc)
 
-    def __enter__(self) -> "VerifierProcess":
+    def __enter__(self: V) -> V:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,9 @@ rounds of many sessions into shared passes; a torch runner keeps its own KV layo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from shared.alignment import Tokenizer
 from shared.protocol import ChatMessage
@@ -47,10 +48,12 @@ class RoundOutcome:
 class Runner(Protocol):
     name: str  # the engine kind, reported by /v1/info
     model_name: str
-    tokenizer: TargetTokenizer
     sequence_slots: int  # sessions whose state is held for immediate verification
     max_context_tokens: int  # per session: prompt + generated + draft
     max_parked_bytes: int  # host memory for the state of sessions moved out of a slot (0: none)
+
+    @property
+    def tokenizer(self) -> TargetTokenizer: ...
 
     async def prefill(self, key: str, ids: Sequence[int]) -> None:
         """Warm the state of session ``key`` with its committed ``ids`` (optional for a runner

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import llama_cpp
 import numpy as np
 
 from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
+from verifier_server.acceptance import LogitRows
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import RunnerError
 
@@ -91,7 +92,7 @@ class LlamaBackend:
         if not ok:
             raise BackendError(f"{self.model_name}: KV rollback is not supported for this model")
 
-    def forward(self, items: Sequence[ForwardItem]) -> list[_Rows]:
+    def forward(self, items: Sequence[ForwardItem]) -> list[LogitRows]:
         for it in items:
             llama_cpp.llama_memory_seq_rm(self._mem, it.slot, it.pos, -1)
         starts = self._decode(items)

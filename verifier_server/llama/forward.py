@@ -5,8 +5,9 @@ and calls it from one thread, so implementations need no locking.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from verifier_server.acceptance import LogitRows
 from verifier_server.runner import TargetTokenizer
@@ -29,11 +30,13 @@ class ForwardItem:
 class ForwardBackend(Protocol):
     name: str
     model_name: str
-    tokenizer: TargetTokenizer
     n_slots: int
     ctx_per_slot: int
     max_batch_tokens: int
     n_params: int
+
+    @property
+    def tokenizer(self) -> TargetTokenizer: ...
 
     def forward(self, items: Sequence[ForwardItem]) -> list[LogitRows]:
         """One batched forward pass; per item, its ``n_logits`` rows of logits. Rows may be views

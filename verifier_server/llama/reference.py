@@ -6,12 +6,12 @@ records the top-2 logit gap of every step (a later divergence is judged by it), 
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from verifier_server.lossless import Reference, top2_gap
 from verifier_server.llama.forward import ForwardBackend, ForwardItem
+from verifier_server.lossless import Reference, top2_gap
 
 
 def _one_by_one(backend: ForwardBackend, prompt: list[int], feed: Iterator[int] | None, slot: int) -> Iterator[np.ndarray]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from shared.utf8 import common_prefix_len
 from verifier_server.acceptance import Acceptance, AcceptanceRule

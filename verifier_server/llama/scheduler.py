@@ -13,12 +13,14 @@ behind one condition variable, and the worker never dies of one bad pass or of a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from verifier_server.acceptance import LogitRows
 from verifier_server.cost_curve import PassRecord
@@ -283,7 +285,5 @@ def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any = 
         else:
             fut.set_result(value)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for this answer any more
         loop.call_soon_threadsafe(resolve)
-    except RuntimeError:  # the loop is closed: nobody waits for this answer any more
-        pass

@@ -1,0 +1,306 @@
+"""The engine in-process over a fake runner: rounds, retries, stop strings with drafts, UTF-8
+hold-back, finishing, resumes, cancellation and races. The runner is an oracle whose "target"
+continues one prompt with a fixed text, byte by byte (a tokenizer of bytes): nothing here is
+about a model, only about the engine's bookkeeping."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from shared.chat import ChatTemplateError
+from shared.protocol import SessionCreate, VerifyRequest
+from verifier_server.cost_curve import CostCurve, LoadModel
+from verifier_server.engine import Conflict, Engine, EngineConfig, NotFound
+from verifier_server.runner import RoundOutcome, RunnerError
+
+EOS = 256
+PROMPT = "Q:"
+
+
+class ByteTokenizer:
+    n_vocab = 257
+    kind = "bytes"
+    chat_template = None
+
+    def encode(self, text: bytes) -> list[int]:
+        return list(text)
+
+    def piece(self, token: int) -> bytes:
+        return b"" if token == EOS else bytes([token])
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def prompt_ids(self, prompt, messages) -> list[int]:
+        if messages is not None:
+            raise ChatTemplateError("this model has no chat template; send a raw prompt instead")
+        return list(prompt.encode())
+
+
+class OracleRunner:
+    """Its target continues PROMPT with ``continuation`` and then EOS; rounds are verified by the
+    real acceptance rule on one-hot logits. ``gate`` holds rounds (and prefills) until set;
+    ``fail`` makes the next round raise."""
+
+    name = "oracle"
+    model_name = "oracle"
+    sequence_slots = 4
+    max_context_tokens = 4096
+    max_parked_bytes = 0
+
+    def __init__(self, continuation: str) -> None:
+        self.tokenizer = ByteTokenizer()
+        self.target = list(continuation.encode()) + [EOS]
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+        self.rounds = 0
+        self.prefilled: list[str] = []
+        self.released: list[str] = []
+        self.load = LoadModel(CostCurve({1: 0.01, 16: 0.01}))  # a flat curve: drafting pays
+
+    async def prefill(self, key, ids) -> None:
+        await self.gate.wait()
+        self.prefilled.append(key)
+
+    async def verify(self, key, ids, candidates, rule) -> RoundOutcome:
+        await self.gate.wait()
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        self.rounds += 1
+        at = len(ids) - len(PROMPT)
+        rows = np.zeros((len(candidates) + 1, self.tokenizer.n_vocab), dtype=np.float32)
+        for i in range(len(rows)):
+            rows[i, self.target[min(at + i, len(self.target) - 1)]] = 1.0
+        acceptance = rule.accept(list(candidates), rows)
+        return RoundOutcome(acceptance.accepted, acceptance.token)
+
+    def release(self, key: str) -> None:
+        self.released.append(key)
+
+    def expect_rounds(self, n: int) -> None:
+        pass
+
+    def round_cost(self):
+        return self.load.round_cost()
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def run(continuation: str, scenario, **config):
+    """Run ``scenario(engine, runner)`` on a fresh event loop."""
+    async def main():
+        runner = OracleRunner(continuation)
+        engine = Engine(runner, EngineConfig(**config))
+        return await scenario(engine, runner)
+
+    return asyncio.run(main())
+
+
+async def generate(engine: Engine, sid: str, drafts, first_round: int = 1):
+    """Verify rounds with the given drafts (then empty ones) until finished; the answers."""
+    answers, rnd, drafts = [], first_round, iter(drafts)
+    while True:
+        resp = await engine.verify(sid, VerifyRequest(round=rnd, draft=next(drafts, b"")))
+        answers.append(resp)
+        if resp.finished:
+            return answers
+        rnd += 1
+
+
+def test_rounds_commit_the_targets_text_whatever_the_drafts():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        answers = await generate(engine, sid, [b"The c", b"at ", b"zzz", b"on the mat."])
+        return answers, runner
+
+    answers, runner = run("The cat sat on the mat.", scenario)
+    assert b"".join(a.text for a in answers) == b"The cat sat on the mat."
+    assert answers[-1].finish_reason == "eos"
+    assert answers[0].accepted_tokens == 5 and answers[0].accepted_bytes == 5
+    assert answers[2].accepted_tokens == 0  # "zzz": only the target's own token
+    assert sum(len(a.ids) for a in answers) == answers[-1].committed_tokens + 0
+    assert runner.rounds == len(answers)
+
+
+def test_a_retried_round_gets_the_same_answer_and_rounds_stay_in_order():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        first = await engine.verify(sid, VerifyRequest(round=1, draft=b"abc"))
+        again = await engine.verify(sid, VerifyRequest(round=1, draft=b"abc"))
+        with pytest.raises(Conflict, match="next round is 2"):
+            await engine.verify(sid, VerifyRequest(round=3))
+        return first, again, runner.rounds
+
+    first, again, rounds = run("abcdef", scenario)
+    assert again == first and rounds == 1
+
+
+def test_a_stop_string_inside_a_draft_ends_the_generation_and_is_not_sent():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64, stop=["END"]))).session_id
+        return await generate(engine, sid, [b"one E", b"N", b"D more"])
+
+    answers = run("one END more text", scenario)
+    assert b"".join(a.text for a in answers) == b"one "
+    assert answers[-1].finish_reason == "stop"
+    # "E" and "EN" could still become the stop string: held back until it did
+    assert all(not a.text.endswith((b"E", b"EN")) for a in answers)
+
+
+def test_held_back_stop_prefix_is_released_when_it_does_not_become_the_stop():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64, stop=["END"]))).session_id
+        return await generate(engine, sid, [b"an E", b"Nx"])
+
+    answers = run("an ENx.", scenario)
+    assert b"".join(a.text for a in answers) == b"an ENx."
+    assert answers[0].text == b"an "
+
+
+def test_incomplete_characters_are_held_back_until_whole():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        return await generate(engine, sid, ["café 🎉".encode()[:4], b"", "é 🎉".encode()[1:]])
+
+    answers = run("café 🎉 ok", scenario)
+    for a in answers:
+        a.text.decode("utf-8")  # strict: every answer is whole UTF-8
+    assert b"".join(a.text for a in answers).decode() == "café 🎉 ok"
+
+
+def test_finishing_inside_a_character_never_sends_half_of_it():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=3))).session_id
+        return await generate(engine, sid, ["abé".encode()])
+
+    answers = run("abé", scenario)  # max_tokens ends after the first byte of "é"
+    assert answers[-1].finish_reason == "length"
+    for a in answers:
+        a.text.decode("utf-8")
+    assert b"".join(a.text for a in answers) == b"ab"
+
+
+def test_a_resumed_session_continues_where_the_ids_end():
+    async def scenario(engine, runner):
+        done = list(b"The cat ")
+        created = await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64, resume_ids=done))
+        return await generate(engine, created.session_id, [b"sat"])
+
+    answers = run("The cat sat.", scenario)
+    assert b"".join(a.text for a in answers) == b"sat."
+    assert answers[-1].committed_tokens == len("The cat sat.") + 1
+
+
+def test_a_failed_round_commits_nothing_and_can_be_retried():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        runner.fail = RunnerError("forward pass failed")
+        with pytest.raises(RunnerError):
+            await engine.verify(sid, VerifyRequest(round=1, draft=b"ab"))
+        return await engine.verify(sid, VerifyRequest(round=1, draft=b"ab"))
+
+    resp = run("abc", scenario)
+    assert resp.text == b"abc" and resp.committed_tokens == 3
+
+
+def test_a_cancelled_round_commits_nothing():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        runner.gate.clear()
+        task = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"ab")))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        runner.gate.set()
+        return await engine.verify(sid, VerifyRequest(round=1, draft=b"a"))
+
+    resp = run("abc", scenario)
+    assert resp.text == b"ab" and resp.committed_tokens == 2
+
+
+def test_a_round_waiting_behind_a_delete_finds_the_session_gone():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        runner.gate.clear()
+        first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1)))
+        await asyncio.sleep(0.01)
+        delete = asyncio.create_task(engine.delete(sid))  # waits for the round in flight
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2)))
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        results = await asyncio.gather(first, delete, second, return_exceptions=True)
+        return results, runner, sid, engine
+
+    (first, deleted, second), runner, sid, engine = run("abc", scenario)
+    assert first.text == b"a" and deleted is None
+    assert isinstance(second, NotFound)
+    assert runner.rounds == 1 and runner.released == [sid] and not engine.sessions
+
+
+def test_creation_with_an_idempotency_key_happens_once():
+    async def scenario(engine, runner):
+        req = SessionCreate(prompt=PROMPT, max_tokens=8, idempotency_key="k1")
+        runner.gate.clear()  # the first creation is still prefilling when its retry arrives
+        tasks = [asyncio.create_task(engine.create(req)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        a, b = await asyncio.gather(*tasks)
+        later = await engine.create(req)
+        with pytest.raises(Conflict, match="different session request"):
+            await engine.create(SessionCreate(prompt="other", max_tokens=8, idempotency_key="k1"))
+        other = await engine.create(SessionCreate(prompt=PROMPT, max_tokens=8, idempotency_key="k2"))
+        return a, b, later, other, runner, len(engine.sessions)
+
+    a, b, later, other, runner, n_sessions = run("abc", scenario)
+    assert a.session_id == b.session_id == later.session_id != other.session_id
+    assert n_sessions == 2 and len(runner.prefilled) == 2
+
+
+def test_bad_requests_are_refused_with_the_reason():
+    async def scenario(engine, runner):
+        with pytest.raises(Exception, match="no chat template"):
+            await engine.create(SessionCreate(messages=[{"role": "user", "content": "hi"}]))
+        with pytest.raises(Exception, match="outside the vocabulary"):
+            await engine.create(SessionCreate(prompt=PROMPT, resume_ids=[999]))
+        with pytest.raises(NotFound):
+            await engine.verify("nope", VerifyRequest(round=1))
+        return runner.prefilled
+
+    assert run("abc", scenario) == []
+
+
+def test_the_hint_recommends_drafts_on_a_flat_cost_curve_and_none_once_finished():
+    async def scenario(engine, runner):
+        created = await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))
+        answers = await generate(engine, created.session_id, [b"abcdef"])
+        return created, answers
+
+    created, answers = run("abcdef", scenario, max_draft_tokens=8)
+    assert created.draft_hint > 0
+    assert answers[-1].finished and answers[-1].draft_hint == 0
+
+
+def test_the_engine_the_app_and_the_protocol_import_without_llama_cpp():
+    code = (
+        "import sys; sys.modules['llama_cpp'] = None\n"  # any import of it now fails
+        "import shared.protocol, shared.codec, shared.alignment, shared.chat, shared.models\n"
+        "import verifier_server.engine, verifier_server.app, verifier_server.runner\n"
+        "import verifier_server.lossless, verifier_server.process\n"
+        "import edge_agent.agent, edge_agent.client, edge_agent.options\n"
+        "import bench.metrics, bench.report, bench.gpu_model, bench.replay\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
