@@ -107,6 +107,15 @@ def run(continuation: str, scenario, **config):
     return asyncio.run(main())
 
 
+async def held_round(engine: Engine, runner: OracleRunner, draft: bytes = b"") -> tuple[str, asyncio.Task]:
+    """A new session whose first round is under way and held in the runner until ``runner.gate``."""
+    sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+    runner.gate.clear()
+    task = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=draft)))
+    await asyncio.sleep(0.01)
+    return sid, task
+
+
 async def generate(engine: Engine, sid: str, drafts, first_round: int = 1):
     """Verify rounds with the given drafts (then empty ones) until finished; the answers."""
     answers, rnd, drafts = [], first_round, iter(drafts)
@@ -216,10 +225,7 @@ def test_a_failed_round_commits_nothing_and_can_be_retried():
 
 def test_a_cancelled_round_commits_nothing():
     async def scenario(engine, runner):
-        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
-        runner.gate.clear()
-        task = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"ab")))
-        await asyncio.sleep(0.01)
+        sid, task = await held_round(engine, runner, b"ab")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -232,10 +238,7 @@ def test_a_cancelled_round_commits_nothing():
 
 def test_a_round_waiting_behind_a_delete_finds_the_session_gone():
     async def scenario(engine, runner):
-        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
-        runner.gate.clear()
-        first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1)))
-        await asyncio.sleep(0.01)
+        sid, first = await held_round(engine, runner)
         delete = asyncio.create_task(engine.delete(sid))  # waits for the round in flight
         await asyncio.sleep(0.01)
         second = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2)))

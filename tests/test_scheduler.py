@@ -33,6 +33,18 @@ class RecordingBackend:
         return out
 
 
+class GatedBackend(RecordingBackend):
+    """Blocks in its forward pass until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def forward(self, items):
+        self.gate.wait(5)
+        return super().forward(items)
+
+
 def copy_rows(rows):
     return np.array([rows[i] for i in range(len(rows))])
 
@@ -162,35 +174,21 @@ def test_a_failing_rule_fails_only_its_round():
 
 
 def test_the_worker_survives_an_event_loop_that_closed_before_its_answer():
-    gate = threading.Event()
-
-    class Slow(RecordingBackend):
-        def forward(self, items):
-            gate.wait(5)
-            return super().forward(items)
-
-    backend = Slow()
+    backend = GatedBackend()
     sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
 
     async def leave_early():
         sched.submit(0, 0, [1], 1, copy_rows)  # nobody awaits it; its loop closes first
 
     asyncio.run(leave_early())
-    gate.set()
+    backend.gate.set()
     logits = asyncio.run(forward(sched, 1, 0, [1], 1))
     sched.close()
     assert logits[:, 0].tolist() == [1]
 
 
 def test_a_withdrawn_job_never_reaches_a_pass():
-    gate = threading.Event()
-
-    class Gated(RecordingBackend):
-        def forward(self, items):
-            gate.wait(5)
-            return super().forward(items)
-
-    backend = Gated()
+    backend = GatedBackend()
     sched = Scheduler(backend, token_budget=8, wait_window_s=0.0)
 
     async def main():
@@ -199,7 +197,7 @@ def test_a_withdrawn_job_never_reaches_a_pass():
         queued = sched.submit(1, 0, [9, 9], 1, copy_rows)
         assert sched.withdraw(queued) and queued.future.cancelled()
         assert not sched.withdraw(running)  # in a pass already: it completes
-        gate.set()
+        backend.gate.set()
         return await running.future
 
     asyncio.run(main())
