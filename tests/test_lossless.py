@@ -67,7 +67,8 @@ def test_lossless_pair(drafter_name, target, verifier, drafter, reference_backen
     not_argmax = [d for d in deficits if d > 0]
     LOSSLESS_REPORT.append(
         f"{drafter_name}->{target}: {counts['identical']} identical, {counts['near_tie']} near-tie "
-        f"(first-divergence gaps {sorted(round(g, 3) for g in tie_gaps)}), {counts['diverged']} diverged "
+        f"(first-divergence gaps {sorted(round(g, 3) for g in tie_gaps)}, each < {NEAR_TIE_GAP}), "
+        f"{counts['diverged']} diverged "
         f"of {len(cases)}; teacher-forced: {len(deficits) - len(not_argmax)}/{len(deficits)} committed "
         f"tokens are the one-by-one argmax, the rest trail it by at most "
         f"{max(not_argmax, default=0):.3f} (limit {TEACHER_FORCED_MARGIN}); {committed / max(rounds, 1):.2f} tokens/round"
