@@ -272,6 +272,22 @@ def test_creation_with_an_idempotency_key_happens_once():
     assert n_sessions == 2 and len(runner.prefilled) == 2
 
 
+def test_a_creation_whose_first_caller_went_away_still_answers_its_retry():
+    async def scenario(engine, runner):
+        req = SessionCreate(prompt=PROMPT, max_tokens=8, idempotency_key="k1")
+        runner.gate.clear()
+        first = asyncio.create_task(engine.create(req))
+        await asyncio.sleep(0.01)
+        first.cancel()  # the client timed out while its session was being prefilled
+        await asyncio.gather(first, return_exceptions=True)
+        retry = asyncio.create_task(engine.create(req))
+        runner.gate.set()
+        return await retry, first.cancelled(), len(engine.sessions), runner.prefilled
+
+    created, cancelled, n_sessions, prefilled = run("abc", scenario)
+    assert cancelled and n_sessions == 1 and prefilled == [created.session_id]
+
+
 def test_bad_requests_are_refused_with_the_reason():
     async def scenario(engine, runner):
         with pytest.raises(Exception, match="no chat template"):

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ class Engine:
         self.runner = runner
         self.config = config or EngineConfig()
         self.sessions: dict[str, Session] = {}
-        # idempotency key -> the creation in progress or done (its answer, or its error)
+        # idempotency key -> the request and its creation task (in progress or done)
         self._created: dict[str, tuple[SessionCreate, asyncio.Future[SessionCreated]]] = {}
         self.committed_tokens = 0
         self.rounds = 0
@@ -116,26 +117,26 @@ class Engine:
 
     # --- sessions -----------------------------------------------------------------------------
     async def create(self, req: SessionCreate) -> SessionCreated:
-        """Open a session; with an idempotency key, a repeat returns the first one's answer."""
+        """Open a session. With an idempotency key the creation runs once, as its own task: a
+        repeat (a retry after a read timeout, even while the first is still prefilling) gets the
+        same answer, and a first caller that goes away does not abort it."""
         key = req.idempotency_key
         if key is None:
             return await self._create(req)
         if key in self._created:
-            first, answer = self._created[key]
+            first, task = self._created[key]
             if first != req:
                 raise Conflict(f"idempotency key '{key}' was used for a different session request")
-            return await asyncio.shield(answer)
-        answer = asyncio.get_running_loop().create_future()
-        self._created[key] = (req, answer)
-        try:
-            created = await self._create(req)
-        except BaseException as e:
-            del self._created[key]  # nothing was created: a retry may try again
-            answer.set_exception(e)
-            answer.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise
-        answer.set_result(created)
-        return created
+        else:
+            task = asyncio.ensure_future(self._create(req))
+            self._created[key] = (req, task)
+            task.add_done_callback(partial(self._creation_done, key))
+        return await asyncio.shield(task)
+
+    def _creation_done(self, key: str, task: asyncio.Future[SessionCreated]) -> None:
+        """A failed creation created nothing: forget its key so that a retry tries again."""
+        if task.cancelled() or task.exception() is not None:
+            self._created.pop(key, None)
 
     async def _create(self, req: SessionCreate) -> SessionCreated:
         self.expire_idle()
