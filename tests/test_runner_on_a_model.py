@@ -1,10 +1,11 @@
-"""The llama.cpp runner in-process on a real model: a round cancelled while queued (a client that
-went away) must not touch the session that takes over its slot, and the cancelled session itself
-resumes exactly from its parked state."""
+"""The llama.cpp runner in-process on a real model: parked state comes back bit for bit, and a round
+cancelled while queued (a client that went away) does not touch the session that takes over its
+slot."""
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from conftest import LOSSLESS_REPORT
 from prompts import RAW
@@ -18,11 +19,14 @@ MAX_TOKENS = 24
 pytestmark = pytest.mark.slow
 
 
-async def _generate(runner, key: str, prompt: list[int], ref: Reference) -> list[int]:
-    """Rounds whose drafts are the reference's next 4 ids with the third one wrong."""
-    ids = list(prompt)
-    await runner.prefill(key, ids)
-    while len(ids) - len(prompt) < MAX_TOKENS:
+async def _generate(runner, key: str, prompt: list[int], ref: Reference, until: int = MAX_TOKENS,
+                    ids: list[int] | None = None) -> list[int]:
+    """Rounds whose drafts are the reference's next 4 ids with the third one wrong, until ``until``
+    ids are generated; continues ``ids`` (prompt + generated) when given. Returns the generated ids."""
+    if ids is None:
+        ids = list(prompt)
+        await runner.prefill(key, ids)
+    while len(ids) - len(prompt) < until:
         at = len(ids) - len(prompt)
         draft = ref.ids[at : at + 4]
         if len(draft) > 2:
@@ -30,6 +34,40 @@ async def _generate(runner, key: str, prompt: list[int], ref: Reference) -> list
         outcome = await runner.verify(key, ids, draft[: MAX_TOKENS - at - 1], GREEDY)
         ids += draft[: outcome.accepted] + [outcome.token]
     return ids[len(prompt) :]
+
+
+def test_a_parked_session_continues_exactly_as_one_that_kept_its_slot(reference_backend):
+    from verifier_server.llama.backend import LlamaBackend
+    from verifier_server.llama.reference import greedy_reference
+    from verifier_server.llama.runner import LlamaRunner
+
+    tok = reference_backend(TARGET).tokenizer
+    a_prompt, b_prompt = tok.prompt_ids(RAW[3], None), tok.prompt_ids(RAW[4], None)
+    refs = {k: greedy_reference(reference_backend(TARGET), p, MAX_TOKENS)
+            for k, p in (("a", a_prompt), ("b", b_prompt))}
+
+    def fresh_runner() -> LlamaRunner:
+        backend = LlamaBackend(resolve(TARGET), TARGET, n_slots=1, ctx_per_slot=1024, n_threads=2)
+        return LlamaRunner(backend, wait_window_s=0.0)
+
+    async def parked(runner: LlamaRunner) -> tuple[list[int], int]:
+        first = await _generate(runner, "a", a_prompt, refs["a"], until=MAX_TOKENS // 2)
+        await _generate(runner, "b", b_prompt, refs["b"])  # takes the only slot: a is parked
+        was_parked = runner.stats()["parked_sessions"]
+        rest = await _generate(runner, "a", a_prompt, refs["a"], ids=a_prompt + first)
+        return rest, was_parked
+
+    async def kept(runner: LlamaRunner) -> list[int]:
+        return await _generate(runner, "a", a_prompt, refs["a"])
+
+    runners = [fresh_runner(), fresh_runner()]
+    try:
+        (with_parking, was_parked), without = asyncio.run(parked(runners[0])), asyncio.run(kept(runners[1]))
+    finally:
+        for r in runners:
+            r.close()
+    assert was_parked == 1
+    assert with_parking == without
 
 
 def test_a_round_cancelled_in_the_queue_leaves_every_session_lossless(reference_backend):
@@ -71,3 +109,30 @@ def test_a_round_cancelled_in_the_queue_leaves_every_session_lossless(reference_
     )
     assert all(v.kind != "diverged" for v in verdicts.values()), verdicts
     assert stats["parked_sessions"] == 0 and stats["forward_passes"] > 0
+
+
+@pytest.fixture(scope="module")
+def model_backend():
+    """A two-slot backend of the target, loaded once for this module."""
+    from verifier_server.llama.backend import LlamaBackend
+
+    backend = LlamaBackend(resolve(TARGET), TARGET, n_slots=2, ctx_per_slot=1024, n_threads=2)
+    yield backend
+    backend.close()
+
+
+def test_a_parked_state_is_restored_bit_for_bit(model_backend):
+    from verifier_server.llama.forward import ForwardItem
+
+    b = model_backend
+    ids = b.tokenizer.encode(RAW[2].encode())
+    b.forward([ForwardItem(0, 0, ids, 0)])
+    saved = b.save_state(0)
+    b.forward([ForwardItem(0, 0, b.tokenizer.encode(b"something else entirely"), 0)])  # a new owner
+    b.load_state(0, saved)
+    assert b.save_state(0) == saved
+    b.load_state(1, saved)  # the same state in another slot
+    nxt = ids[-1]
+    here = np.array(b.forward([ForwardItem(0, len(ids), [nxt], 1)])[0][0])
+    there = np.array(b.forward([ForwardItem(1, len(ids), [nxt], 1)])[0][0])
+    assert np.array_equal(here, there)
