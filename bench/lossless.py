@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from bench.procs import BenchError
 from bench.workload import Prompt
 from verifier_server.llama.forward import ForwardBackend
-from verifier_server.llama.reference import greedy_reference
+from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import Reference, judge
 
 
@@ -22,7 +22,7 @@ def references(backend: ForwardBackend, prompts: list[Prompt], max_tokens: int) 
     out = {}
     for p in prompts:
         ids = backend.tokenizer.prompt_ids(p.prompt, p.message_list)
-        out[p.id] = greedy_reference(backend, ids, max_tokens)
+        out[p.id] = plain_reference(backend, ids, max_tokens)
     return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge_agent.client import VerifierClient, VerifierError
-from shared.protocol import ChatMessage, FinishReason, SessionCreate
+from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate
 
 if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
@@ -29,6 +29,7 @@ class GenerationResult:
     finish_reason: FinishReason | None = None
     round_latencies_s: list[float] = field(default_factory=list)
     resumed: int = 0  # times the session was re-created from its ids
+    seed: int | None = None  # the sampling seed in use (None: greedy)
 
     @property
     def committed_tokens(self) -> int:
@@ -48,6 +49,7 @@ class GenerationResult:
             "tokens_per_s": round(self.committed_tokens / max(self.elapsed_s, 1e-9), 2),
             "finish_reason": self.finish_reason,
             "resumed": self.resumed,
+            "seed": self.seed,
         }
 
 
@@ -110,14 +112,22 @@ class Agent:
         max_tokens: int = 128,
         stop: list[str] | None = None,
         on_text: Callable[[bytes], None] | None = None,
+        sampling: SamplingOptions | None = None,
     ) -> GenerationResult:
+        """Generate one completion. ``sampling`` defaults to greedy decoding; a sampled session
+        without a seed gets one from the server (``GenerationResult.seed``), and a session rebuilt
+        on another replica keeps it, so its output continues exactly."""
         request = SessionCreate(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop or [],
-                                idempotency_key=uuid.uuid4().hex)
+                                idempotency_key=uuid.uuid4().hex,
+                                **(sampling or SamplingOptions()).model_dump())
         result = GenerationResult()
         length = DraftLength(self.draft_tokens)
         t0 = time.perf_counter()
         created = self.client.create_session(request)
         session, hint, round_no = created.session_id, created.draft_hint, 1
+        result.seed = created.seed
+        if created.seed is not None:
+            request = request.model_copy(update={"seed": created.seed})
         if self.drafter is not None:
             self.drafter.start(prompt, messages)
         try:

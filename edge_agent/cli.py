@@ -10,6 +10,7 @@ from edge_agent.client import VerifierError
 from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
 from shared.models import ModelError
 from shared.protocol import ChatMessage
+from shared.sampling import add_sampling_args, options_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a completion for PROMPT")
     add_agent_args(g)
+    add_sampling_args(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap PROMPT as one user message")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    options = options_from_args(args)  # bad options fail before the drafter loads
     drafter = load_drafter(args)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
     prompt = None if args.chat else args.prompt
@@ -38,7 +41,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     with open_client(args) as client:
         agent = make_agent(args, client, drafter)
-        result = agent.generate(prompt, messages, args.max_tokens, args.stop, None if args.json else stream)
+        result = agent.generate(prompt, messages, args.max_tokens, args.stop, None if args.json else stream,
+                                options)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         _generate(args)
-    except (ModelError, VerifierError) as e:
+    except (ModelError, VerifierError, ValueError) as e:
         sys.exit(f"sled-agent: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -25,7 +25,17 @@ class ChatMessage(_Message):
     content: str
 
 
-class SessionCreate(_Message):
+class SamplingOptions(_Message):
+    """How a session samples; the defaults are greedy decoding (see ``shared.sampling``)."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class SessionCreate(SamplingOptions):
     """Open a generation session: a raw prompt continued as is, or chat messages that the verifier
     renders with the target's own chat template.
 
@@ -35,6 +45,11 @@ class SessionCreate(_Message):
 
     ``idempotency_key`` makes creation safe to retry: a repeat with the same key (after a read
     timeout, say) returns the session the first request created instead of opening a second one.
+
+    Sampling: ``temperature`` 0 (the default) is greedy decoding; above it the verifier samples
+    from the target's distribution after top-k, top-p and min-p (llama.cpp's order, see
+    ``shared.sampling``), with draws that depend only on ``seed`` and the position. Without a seed
+    the server draws one and returns it, so that any run can be replayed.
     """
 
     prompt: str | None = None
@@ -61,6 +76,8 @@ class SessionCreated(_Message):
     max_tokens: int
     # The draft length worth sending in the first round, in *target* tokens (a recommendation).
     draft_hint: int
+    # The sampling seed in use (the request's, or one the server drew); None when greedy.
+    seed: int | None = None
 
 
 class VerifyRequest(_Message):

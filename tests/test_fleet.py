@@ -14,7 +14,7 @@ from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
 from shared.models import resolve
 from shared.protocol import SessionCreate
-from verifier_server.llama.reference import greedy_reference
+from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 
 TARGET = "qwen2.5-coder-0.5b"
@@ -41,7 +41,7 @@ def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_ba
         results = list(pool.map(run, range(len(plan))))
     after = httpx.get(f"{server.url}/v1/stats").json()
 
-    verdicts = [judge(r.ids, greedy_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS))
+    verdicts = [judge(r.ids, plain_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS))
                 for r, (_, p) in zip(results, plan)]
     kinds = [v.kind for v in verdicts]
     LOSSLESS_REPORT.append(
@@ -87,7 +87,7 @@ def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend, par
     server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--parked-mb", parked_mb)
     backend = reference_backend(TARGET)
     prompts = RAW[:5]
-    refs = [greedy_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS) for p in prompts]
+    refs = [plain_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS) for p in prompts]
     ids, parked = _interleaved(server.url, prompts, refs)
     # after the first round, three of the five sessions had lost their slot to the others
     assert parked == (3 if parked_mb != "0" else 0)
@@ -130,7 +130,7 @@ def test_agent_recovers_a_lost_session_with_the_same_output(verifier, reference_
     # first differ only where the target itself was at a near-tie (the lossless rule).
     if result.ids != expected.ids:
         backend = reference_backend(TARGET)
-        ref = greedy_reference(backend, backend.tokenizer.prompt_ids(prompt, None), 24)
+        ref = plain_reference(backend, backend.tokenizer.prompt_ids(prompt, None), 24)
         assert judge(result.ids, ref).kind != "diverged"
         assert judge(expected.ids, ref).kind != "diverged"
     else:

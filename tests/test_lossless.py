@@ -16,7 +16,7 @@ from prompts import CHAT, RAW
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient
 from shared.chat import chat_transcript
-from verifier_server.llama.reference import greedy_reference, teacher_forced_deficits
+from verifier_server.llama.reference import plain_reference, teacher_forced_deficits
 from verifier_server.lossless import NEAR_TIE_GAP, TEACHER_FORCED_MARGIN, judge
 
 PAIRS = [
@@ -45,7 +45,7 @@ def test_lossless_pair(drafter_name, target, verifier, drafter, reference_backen
         for prompt, messages in cases:
             result = agent.generate(prompt, messages, max_tokens=MAX_TOKENS)
             prompt_ids = backend.tokenizer.prompt_ids(prompt, messages)
-            ref = greedy_reference(backend, prompt_ids, MAX_TOKENS)
+            ref = plain_reference(backend, prompt_ids, MAX_TOKENS)
             verdict = judge(result.ids, ref)
             forced = teacher_forced_deficits(backend, prompt_ids, result.ids)
             deficits += forced

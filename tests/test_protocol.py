@@ -15,7 +15,7 @@ from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
 from shared.codec import decode
 from shared.protocol import ErrorResponse, SessionCreate
-from verifier_server.llama.reference import greedy_reference
+from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 
 TARGET = "qwen2.5-coder-0.5b"
@@ -86,7 +86,7 @@ def test_recovery_from_committed_ids_gives_the_same_output(server, reference_bac
     # difference only at a near-tie of the target (the lossless rule).
     if ids != full.ids:
         backend = reference_backend(TARGET)
-        ref = greedy_reference(backend, backend.tokenizer.prompt_ids(PROMPT, None), 24)
+        ref = plain_reference(backend, backend.tokenizer.prompt_ids(PROMPT, None), 24)
         assert judge(ids, ref).kind == "near_tie", (ids, full.ids)
     else:
         assert text == full.text

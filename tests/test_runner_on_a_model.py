@@ -38,12 +38,12 @@ async def _generate(runner, key: str, prompt: list[int], ref: Reference, until: 
 
 def test_a_parked_session_continues_exactly_as_one_that_kept_its_slot(reference_backend):
     from verifier_server.llama.backend import LlamaBackend
-    from verifier_server.llama.reference import greedy_reference
+    from verifier_server.llama.reference import plain_reference
     from verifier_server.llama.runner import LlamaRunner
 
     tok = reference_backend(TARGET).tokenizer
     a_prompt, b_prompt = tok.prompt_ids(RAW[3], None), tok.prompt_ids(RAW[4], None)
-    refs = {k: greedy_reference(reference_backend(TARGET), p, MAX_TOKENS)
+    refs = {k: plain_reference(reference_backend(TARGET), p, MAX_TOKENS)
             for k, p in (("a", a_prompt), ("b", b_prompt))}
 
     def fresh_runner() -> LlamaRunner:
@@ -72,13 +72,13 @@ def test_a_parked_session_continues_exactly_as_one_that_kept_its_slot(reference_
 
 def test_a_round_cancelled_in_the_queue_leaves_every_session_lossless(reference_backend):
     from verifier_server.llama.backend import LlamaBackend
-    from verifier_server.llama.reference import greedy_reference
+    from verifier_server.llama.reference import plain_reference
     from verifier_server.llama.runner import LlamaRunner
 
     ref_backend = reference_backend(TARGET)
     tok = ref_backend.tokenizer
     a_prompt, b_prompt = tok.prompt_ids(RAW[0], None), tok.prompt_ids(RAW[1], None)
-    refs = {k: greedy_reference(ref_backend, p, MAX_TOKENS) for k, p in (("a", a_prompt), ("b", b_prompt))}
+    refs = {k: plain_reference(ref_backend, p, MAX_TOKENS) for k, p in (("a", a_prompt), ("b", b_prompt))}
     long_prompt = tok.encode(b"def add(a, b):\n    return a + b\n\n" * 120)[:1200]
     backend = LlamaBackend(resolve(TARGET), TARGET, n_slots=2, ctx_per_slot=2048, n_batch=256, n_threads=2)
     runner = LlamaRunner(backend, token_budget=256, wait_window_s=0.0)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from shared.sampling import Sampling, choose
+
 
 class LogitRows(Protocol):
     """Row ``i`` is the target's next-token logits at the position of ``candidates[i]`` (row
@@ -58,3 +60,24 @@ class Greedy:
 
 
 GREEDY = Greedy()
+
+
+@dataclass(frozen=True)
+class SlemSample:
+    """String-level exact match with sampling: at each position the verifier draws its own token
+    from the processed target distribution, seeded by (seed, absolute position); candidates are
+    accepted while they equal those draws, and the first draw that differs is committed. Every
+    committed token is therefore the target's own seeded sample, whatever the drafter proposed."""
+
+    sampling: Sampling
+    seed: int
+    position: int  # absolute position (index in the session's ids) of the token row 0 predicts
+    name: str = "sample-slem"
+
+    def accept(self, candidates: Sequence[int], rows: LogitRows) -> Acceptance:
+        n = 0
+        while True:
+            token = choose(rows[n], self.sampling, self.seed, self.position + n)
+            if n == len(candidates) or candidates[n] != token:
+                return Acceptance(n, token)
+            n += 1

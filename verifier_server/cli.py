@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from shared.models import REGISTRY, ModelError, fetch, resolve
+from shared.sampling import add_sampling_args, sampling_from_args
 from verifier_server.runner import RunnerError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap PROMPT as one user message")
+    add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("prompt")
 
@@ -87,20 +89,22 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from shared.protocol import ChatMessage
-    from verifier_server.llama.reference import greedy_reference
+    from verifier_server.llama.reference import plain_reference
 
     backend = _backend(args, n_slots=1, ctx_per_slot=4096)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
     prompt = backend.tokenizer.prompt_ids(None if args.chat else args.prompt, messages)
+    sampling, seed = sampling_from_args(args)
     t0 = time.perf_counter()
-    ref = greedy_reference(backend, prompt, args.max_tokens)
+    ref = plain_reference(backend, prompt, args.max_tokens, sampling, seed)
     elapsed = time.perf_counter() - t0
     text = ref.text.decode(errors="replace")
     if args.json:
         print(json.dumps({
             "text": text,
             "ids": ref.ids,
-            "top2_gaps": [round(g, 4) for g in ref.gaps],
+            "margins": [round(g, 4) for g in ref.gaps],
+            "seed": None if sampling.greedy else seed,
             "committed_tokens": len(ref.ids),
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(len(ref.ids) / elapsed, 2),
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         {"serve": _serve, "generate": _generate, "models": _models}[args.command](args)
-    except (ModelError, RunnerError) as e:
+    except (ModelError, RunnerError, ValueError) as e:
         sys.exit(f"sled-verifier: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -5,6 +5,7 @@ goes to a ``Runner``, which verifies whole rounds.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from shared.protocol import (
     VerifyRequest,
     VerifyResponse,
 )
+from shared.sampling import Sampling
 from shared.utf8 import common_prefix_len, complete_prefix_len
-from verifier_server.acceptance import GREEDY
+from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample
 from verifier_server.draft_hint import recommend
 from verifier_server.runner import Runner
 from verifier_server.session import Session
@@ -91,7 +93,7 @@ class Engine:
             n_vocab=tok.n_vocab,
             tokenizer=tok.kind,
             chat_template=tok.chat_template is not None,
-            capabilities=["greedy", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
+            capabilities=["greedy", "sample-slem", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
@@ -158,12 +160,15 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) + draft "
                 f"({self.config.max_draft_tokens}) exceed the context of {self.runner.max_context_tokens} tokens"
             )
+        sampling = Sampling.of(req)
         s = Session(
             prompt_len=len(prompt),
             ids=prompt,
             max_tokens=req.max_tokens,
             stop=[x.encode() for x in req.stop],
             idempotency_key=req.idempotency_key,
+            sampling=sampling,
+            seed=req.seed if req.seed is not None else secrets.randbits(63),
         )
         self._commit(s, req.resume_ids)
         s.sent = s.sendable_end()
@@ -179,6 +184,7 @@ class Engine:
             prompt_tokens=len(prompt),
             max_tokens=req.max_tokens,
             draft_hint=self._hint(s),
+            seed=None if sampling.greedy else s.seed,
         )
 
     async def delete(self, session_id: str) -> None:
@@ -239,7 +245,7 @@ class Engine:
             if draft and room:
                 ids = list(s.ids)  # a snapshot: the thread must not see the list change
                 candidates = (await asyncio.to_thread(continuation_ids, self.runner.tokenizer, ids, draft))[:room]
-            outcome = await self.runner.verify(s.id, s.ids, candidates, GREEDY)
+            outcome = await self.runner.verify(s.id, s.ids, candidates, self._rule(s))
             s.history.observe(len(candidates), outcome.accepted)
             old = len(s.ids)
             self._commit(s, candidates[: outcome.accepted] + [outcome.token])
@@ -247,6 +253,13 @@ class Engine:
             resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
             self.round_overhead_s.append(time.perf_counter() - t0 - outcome.queue_s - outcome.model_s)
             return resp
+
+    @staticmethod
+    def _rule(s: Session) -> AcceptanceRule:
+        """The round's acceptance rule: greedy, or seeded sampling from the round's position."""
+        if s.sampling.greedy:
+            return GREEDY
+        return SlemSample(s.sampling, s.seed, len(s.ids))
 
     def _commit(self, s: Session, new_ids: list[int]) -> None:
         """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 # A divergence from the reference is accepted only where the reference's top-2 logit gap is below
 # this.
 NEAR_TIE_GAP = 0.5
@@ -22,7 +20,8 @@ TEACHER_FORCED_MARGIN = 1.0
 
 @dataclass
 class Reference:
-    """Plain greedy decoding of a target: its ids, text and top-2 logit gap at every step."""
+    """Plain decoding of a target: its ids, text and, at every step, the margin of its choice (in
+    logits: the top-2 gap when greedy, the gap between the best two perturbed scores when sampling)."""
 
     ids: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
@@ -37,14 +36,9 @@ class Verdict:
     gap: float = 0.0
 
 
-def top2_gap(row: np.ndarray) -> float:
-    """Logit gap between the best and second-best token: how close a greedy choice was to a tie."""
-    top = np.partition(row, -2)[-2:]
-    return float(top[1] - top[0])
-
-
 def judge(ids: list[int], ref: Reference) -> Verdict:
-    """The lossless rule: ``ids`` equal the reference, or first differ where it was a near-tie."""
+    """The lossless rule: ``ids`` equal the reference, or first differ where its choice was a
+    near-tie (greedy or seeded sampling alike: see ``shared.sampling``)."""
     n = min(len(ids), len(ref.ids))
     for i in range(n):
         if ids[i] != ref.ids[i]:

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from shared.protocol import FinishReason, VerifyResponse
+from shared.sampling import GREEDY_SAMPLING, Sampling
 from shared.utf8 import complete_prefix_len
 from verifier_server.draft_hint import AcceptanceHistory
 
@@ -33,6 +34,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     history: AcceptanceHistory = field(default_factory=AcceptanceHistory)
+    sampling: Sampling = GREEDY_SAMPLING
+    seed: int = 0
 
     @property
     def generated(self) -> int:

@@ -1,54 +1,60 @@
 """Plain autoregressive decoding on a backend: the baseline that speculation must reproduce.
 
-One token per forward pass, so it is the "one-by-one" side of the lossless rule: ``greedy_reference``
-records the top-2 logit gap of every step (a later divergence is judged by it), and
-``teacher_forced_deficits`` checks committed ids position by position against the one-by-one argmax.
+One token per forward pass, so it is the "one-by-one" side of the lossless rule: ``plain_reference``
+(greedy, or seeded sampling with the verifier's own draws) records the margin of every step (a later
+divergence is judged by it), and ``teacher_forced_deficits`` checks committed greedy ids position by
+position against the one-by-one argmax.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
+from shared.sampling import GREEDY_SAMPLING, Sampling, draw
 from verifier_server.llama.forward import ForwardBackend, ForwardItem
-from verifier_server.lossless import Reference, top2_gap
+from verifier_server.lossless import Reference
 
 
-def _one_by_one(backend: ForwardBackend, prompt: list[int], feed: Iterator[int] | None, slot: int) -> Iterator[np.ndarray]:
-    """Prefill ``prompt`` and yield the logits row of each next position, one token per pass: the
-    token fed at each step is the next one of ``feed``, or the previous row's argmax without it."""
+def _one_by_one(backend: ForwardBackend, prompt: list[int], slot: int) -> Generator[np.ndarray, int, None]:
+    """Prefill ``prompt``, then one token per pass: yields the logits row of the next position and
+    takes (by ``send``) the token to feed at it."""
     step = backend.max_batch_tokens
     for start in range(0, len(prompt) - 1, step):
         backend.forward([ForwardItem(slot, start, prompt[start : min(start + step, len(prompt) - 1)], 0)])
     pos, last = len(prompt) - 1, prompt[-1]
     while True:
-        row = np.array(backend.forward([ForwardItem(slot, pos, [last], 1)])[0][0])
-        yield row
-        nxt = next(feed, None) if feed is not None else int(row.argmax())
-        if nxt is None:
-            return
-        pos, last = pos + 1, nxt
+        last = yield np.array(backend.forward([ForwardItem(slot, pos, [last], 1)])[0][0])
+        pos += 1
 
 
-def greedy_reference(backend: ForwardBackend, prompt: list[int], max_tokens: int, slot: int = 0) -> Reference:
+def plain_reference(backend: ForwardBackend, prompt: list[int], max_tokens: int,
+                    sampling: Sampling = GREEDY_SAMPLING, seed: int = 0, slot: int = 0) -> Reference:
+    """Plain decoding: greedy, or seeded sampling drawn exactly as the verifier draws."""
     ref = Reference()
-    for row in _one_by_one(backend, prompt, None, slot):
-        token = int(row.argmax())
+    rows = _one_by_one(backend, prompt, slot)
+    row = next(rows)
+    for position in range(len(prompt), len(prompt) + max_tokens):
+        token, margin = draw(row, sampling, seed, position)
         ref.ids.append(token)
-        ref.gaps.append(top2_gap(row))
+        ref.gaps.append(margin)
         if backend.tokenizer.is_eog(token):
             ref.finish_reason = "eos"
             break
         ref.text += backend.tokenizer.piece(token)
-        if len(ref.ids) == max_tokens:
-            break
+        if len(ref.ids) < max_tokens:
+            row = rows.send(token)
     return ref
 
 
 def teacher_forced_deficits(backend: ForwardBackend, prompt: list[int], ids: Sequence[int], slot: int = 0) -> list[float]:
     """Feed ``prompt`` + ``ids`` one token at a time; per committed id, how far its logit trails
     the argmax of the one-by-one pass at its position (0.0 where it is the argmax)."""
-    if not ids:
-        return []
-    rows = _one_by_one(backend, prompt, iter(ids[:-1]), slot)
-    return [float(row.max() - row[token]) for row, token in zip(rows, ids)]
+    deficits: list[float] = []
+    rows = _one_by_one(backend, prompt, slot)
+    row = next(rows)
+    for i, token in enumerate(ids):
+        deficits.append(float(row.max() - row[token]))
+        if i + 1 < len(ids):
+            row = rows.send(token)
+    return deficits

@@ -1,0 +1,136 @@
+"""Sampling from a model's logits, reproducibly: one processing function and one seeded draw, used
+by the verifier, the plain reference and the agent alike.
+
+Processing follows llama.cpp's sampler chain: top-k, then top-p, then min-p (on the probabilities at
+temperature 1), then the temperature. Drawing is the Gumbel-max trick with noise from a
+*counter-based* generator keyed by (seed, absolute position): the token at a position depends only
+on the session's seed, the position and the logits there. It never depends on how many draws came
+before, so speculation (drafts of any length, retries, parking, a resume on another replica)
+reproduces plain seeded sampling of the target, token for token. And because a draw is the argmax of
+perturbed scores, a divergence caused by floating-point noise can only happen where the best two
+perturbed scores nearly tie: the same near-tie rule as greedy decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from shared.protocol import SamplingOptions
+
+# Candidates examined before a full sort for top-p (enough for any practical nucleus).
+_TOP_P_SHORTLIST = 1024
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A session's sampling parameters; temperature 0 is greedy decoding (the rest is ignored)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, opts: SamplingOptions) -> Sampling:
+        return cls(opts.temperature, opts.top_k, opts.top_p, opts.min_p)
+
+
+GREEDY_SAMPLING = Sampling()
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def support(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """Ids of the tokens that survive top-k, top-p and min-p, in increasing id order."""
+    x = logits.astype(np.float64)
+    ids = np.arange(x.size)
+    if 0 < s.top_k < ids.size:
+        kth = np.partition(x, -s.top_k)[-s.top_k]
+        ids = ids[x >= kth]
+    if s.top_p < 1.0:
+        xs = x[ids]
+        probs = _softmax(xs)
+        short = min(_TOP_P_SHORTLIST, ids.size)
+        top = np.argpartition(-probs, short - 1)[:short] if short < ids.size else np.arange(ids.size)
+        if probs[top].sum() < s.top_p:  # a flat distribution: sort everything
+            top = np.arange(ids.size)
+        order = top[np.lexsort((ids[top], -probs[top]))]  # by probability, ties by id
+        cum = np.cumsum(probs[order])
+        keep = int(np.searchsorted(cum, s.top_p)) + 1  # the smallest prefix reaching top_p
+        ids = np.sort(ids[order[:keep]])
+    if s.min_p > 0.0:
+        probs = _softmax(x[ids])
+        ids = ids[probs >= s.min_p * probs.max()]
+    return ids
+
+
+def distribution(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """The processed distribution as (ids, probabilities)."""
+    ids = support(logits, s)
+    return ids, _softmax(logits[ids].astype(np.float64) / s.temperature)
+
+
+def gumbel_noise(seed: int, position: int, n: int) -> np.ndarray:
+    """Gumbel noise for tokens 0..n-1 at ``position``: a function of (seed, position) alone."""
+    rng = np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), position]))
+    u = rng.random(n)
+    return -np.log(-np.log(np.maximum(u, np.finfo(np.float64).tiny)))
+
+
+def draw(logits: np.ndarray, s: Sampling, seed: int, position: int) -> tuple[int, float]:
+    """The token at ``position`` and its margin, in logits: how far the best perturbed score
+    (scaled back by the temperature) stands above the second. Greedy: the argmax and the top-2 gap."""
+    if s.greedy:
+        top = np.argpartition(logits, -2)[-2:]
+        a, b = (top[1], top[0]) if logits[top[1]] >= logits[top[0]] else (top[0], top[1])
+        return int(a), float(logits[a] - logits[b])
+    ids = support(logits, s)
+    if ids.size == 1:
+        return int(ids[0]), float("inf")
+    scores = logits[ids].astype(np.float64) / s.temperature + gumbel_noise(seed, position, logits.size)[ids]
+    top = np.argpartition(scores, -2)[-2:]
+    best, second = (top[1], top[0]) if scores[top[1]] >= scores[top[0]] else (top[0], top[1])
+    return int(ids[best]), float((scores[best] - scores[second]) * s.temperature)
+
+
+def choose(logits: np.ndarray, s: Sampling, seed: int, position: int) -> int:
+    """The token at ``position`` (greedy: the argmax, without computing a margin)."""
+    if s.greedy:
+        return int(np.argmax(logits))
+    return draw(logits, s, seed, position)[0]
+
+
+def add_sampling_args(ap: argparse.ArgumentParser) -> None:
+    """The sampling options of every command that generates (the agent, the plain reference)."""
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this probability")
+    ap.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the best")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one, reported)")
+
+
+def options_from_args(args: argparse.Namespace) -> SamplingOptions:
+    """The options, checked by the protocol's own rules; bad values raise ``ValueError`` naming
+    the option."""
+    try:
+        return SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               min_p=args.min_p, seed=args.seed)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors())) from None
+
+
+def sampling_from_args(args: argparse.Namespace) -> tuple[Sampling, int]:
+    """The options as (sampling, seed), with a random seed when none was given."""
+    opts = options_from_args(args)
+    return Sampling.of(opts), opts.seed if opts.seed is not None else secrets.randbits(63)
