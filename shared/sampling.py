@@ -88,20 +88,24 @@ def gumbel_noise(seed: int, position: int, n: int) -> np.ndarray:
     return -np.log(-np.log(np.maximum(u, np.finfo(np.float64).tiny)))
 
 
-def draw(logits: np.ndarray, s: Sampling, seed: int, position: int) -> tuple[int, float]:
-    """The token at ``position`` and its margin, in logits: how far the best perturbed score
-    (scaled back by the temperature) stands above the second. Greedy: the argmax and the top-2 gap."""
+def scores(logits: np.ndarray, s: Sampling, seed: int, position: int) -> np.ndarray:
+    """What a draw maximises, in logit units: the logits when greedy; when sampling, the processed
+    logits plus Gumbel noise times the temperature (-inf outside the support). Their argmax is the
+    drawn token, and the gap between two tokens' scores is how near they came to a tie."""
     if s.greedy:
-        top = np.argpartition(logits, -2)[-2:]
-        a, b = (top[1], top[0]) if logits[top[1]] >= logits[top[0]] else (top[0], top[1])
-        return int(a), float(logits[a] - logits[b])
+        return logits.astype(np.float64)
     ids = support(logits, s)
-    if ids.size == 1:
-        return int(ids[0]), float("inf")
-    scores = logits[ids].astype(np.float64) / s.temperature + gumbel_noise(seed, position, logits.size)[ids]
-    top = np.argpartition(scores, -2)[-2:]
-    best, second = (top[1], top[0]) if scores[top[1]] >= scores[top[0]] else (top[0], top[1])
-    return int(ids[best]), float((scores[best] - scores[second]) * s.temperature)
+    out = np.full(logits.size, -np.inf)
+    out[ids] = logits[ids].astype(np.float64) + s.temperature * gumbel_noise(seed, position, logits.size)[ids]
+    return out
+
+
+def draw(logits: np.ndarray, s: Sampling, seed: int, position: int) -> tuple[int, float]:
+    """The token at ``position`` and its margin: how far its score stands above the runner-up's."""
+    x = scores(logits, s, seed, position)
+    top = np.argpartition(x, -2)[-2:]
+    best, second = (top[1], top[0]) if x[top[1]] >= x[top[0]] else (top[0], top[1])
+    return int(best), float(x[best] - x[second])
 
 
 def choose(logits: np.ndarray, s: Sampling, seed: int, position: int) -> int:

@@ -10,13 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from shared.chat import ChatTemplateError
 from shared.protocol import SessionCreate, VerifyRequest
 from verifier_server.cost_curve import CostCurve, LoadModel
 from verifier_server.engine import Conflict, Engine, EngineConfig, NotFound
 from verifier_server.runner import RoundOutcome, RunnerError
+
+from conftest import ROOT
 
 EOS = 256
 PROMPT = "Q:"

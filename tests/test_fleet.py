@@ -6,8 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import LOSSLESS_REPORT
-from prompts import RAW
 
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
@@ -16,6 +14,9 @@ from shared.models import resolve
 from shared.protocol import SessionCreate
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
+
+from conftest import LOSSLESS_REPORT
+from prompts import RAW
 
 TARGET = "qwen2.5-coder-0.5b"
 MAX_TOKENS = 32

@@ -9,7 +9,6 @@ import sys
 import httpx
 import msgpack
 import pytest
-from conftest import ROOT
 
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
@@ -17,6 +16,8 @@ from shared.codec import decode
 from shared.protocol import ErrorResponse, SessionCreate
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
+
+from conftest import ROOT
 
 TARGET = "qwen2.5-coder-0.5b"
 PROMPT = "def is_prime(n):\n"

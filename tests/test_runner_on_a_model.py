@@ -7,12 +7,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import LOSSLESS_REPORT
-from prompts import RAW
 
 from shared.models import resolve
 from verifier_server.acceptance import GREEDY
 from verifier_server.lossless import Reference, judge
+
+from conftest import LOSSLESS_REPORT
+from prompts import RAW
 
 TARGET = "qwen2.5-coder-0.5b"
 MAX_TOKENS = 24

@@ -11,7 +11,7 @@ from collections.abc import Generator, Sequence
 
 import numpy as np
 
-from shared.sampling import GREEDY_SAMPLING, Sampling, draw
+from shared.sampling import GREEDY_SAMPLING, Sampling, draw, scores
 from verifier_server.llama.forward import ForwardBackend, ForwardItem
 from verifier_server.lossless import Reference
 
@@ -47,14 +47,16 @@ def plain_reference(backend: ForwardBackend, prompt: list[int], max_tokens: int,
     return ref
 
 
-def teacher_forced_deficits(backend: ForwardBackend, prompt: list[int], ids: Sequence[int], slot: int = 0) -> list[float]:
-    """Feed ``prompt`` + ``ids`` one token at a time; per committed id, how far its logit trails
-    the argmax of the one-by-one pass at its position (0.0 where it is the argmax)."""
+def teacher_forced_deficits(backend: ForwardBackend, prompt: list[int], ids: Sequence[int],
+                            sampling: Sampling = GREEDY_SAMPLING, seed: int = 0, slot: int = 0) -> list[float]:
+    """Feed ``prompt`` + ``ids`` one token at a time; per committed id, how far its score trails the
+    one-by-one choice at its position (0.0 where it is that choice; see ``shared.sampling.scores``)."""
     deficits: list[float] = []
     rows = _one_by_one(backend, prompt, slot)
     row = next(rows)
     for i, token in enumerate(ids):
-        deficits.append(float(row.max() - row[token]))
+        x = scores(row, sampling, seed, len(prompt) + i)
+        deficits.append(float(x.max() - x[token]))
         if i + 1 < len(ids):
             row = rows.send(token)
     return deficits

@@ -1,0 +1,72 @@
+"""Sampling arithmetic on synthetic logits: the processing chain, the counter-based draw, and a
+chi-square check that draws follow the processed distribution (with a wrong sampler it rejects)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from shared.sampling import Sampling, choose, distribution, draw, gumbel_noise, support
+
+from conftest import LOSSLESS_REPORT
+
+LOGITS = np.log(np.array([0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02])).astype(np.float32)
+TRIALS = 200_000
+# chi-square critical value for 7 degrees of freedom at significance 0.001
+CHI2_7_AT_0001 = 24.322
+
+
+def chi_square(counts: Counter, ids: np.ndarray, probs: np.ndarray, n: int) -> tuple[float, float]:
+    """Pearson's statistic of observed draws against ``probs``, and its p-value (Wilson-Hilferty)."""
+    stat = sum((counts.get(int(t), 0) - n * p) ** 2 / (n * p) for t, p in zip(ids, probs))
+    stat += sum(c for t, c in counts.items() if t not in set(ids.tolist())) * 1e9  # outside support
+    k = len(ids) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return stat, 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_processing_follows_llama_cpps_chain():
+    assert support(LOGITS, Sampling(1.0, top_k=3)).tolist() == [0, 1, 2]
+    assert support(LOGITS, Sampling(1.0, top_p=0.5)).tolist() == [0, 1]  # 0.30 + 0.25 >= 0.5
+    assert support(LOGITS, Sampling(1.0, top_p=0.56)).tolist() == [0, 1, 2]
+    assert support(LOGITS, Sampling(1.0, min_p=0.3)).tolist() == [0, 1, 2, 3]  # p >= 0.09
+    # top-k first, then top-p over the renormalised survivors: 0.30/0.55 < 0.6 <= 0.55/0.55
+    assert support(LOGITS, Sampling(1.0, top_k=2, top_p=0.6)).tolist() == [0, 1]
+    ids, probs = distribution(LOGITS, Sampling(0.5, top_k=2))
+    assert ids.tolist() == [0, 1] and probs[0] == pytest.approx(0.3**2 / (0.3**2 + 0.25**2))
+
+
+def test_a_draw_depends_only_on_seed_position_and_logits():
+    s = Sampling(1.0)
+    forward = [choose(LOGITS, s, 42, pos) for pos in range(100)]
+    backward = [choose(LOGITS, s, 42, pos) for pos in reversed(range(100))][::-1]
+    assert forward == backward
+    assert forward != [choose(LOGITS, s, 43, pos) for pos in range(100)]
+    assert np.array_equal(gumbel_noise(1, 5, 8), gumbel_noise(1, 5, 8))
+
+
+def test_greedy_draws_the_argmax_with_its_top2_gap():
+    token, margin = draw(LOGITS, Sampling(), 0, 0)
+    assert token == 0 and margin == pytest.approx(math.log(0.30 / 0.25), rel=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=5), Sampling(1.3, top_p=0.9, min_p=0.1)],
+                         ids=["t1", "t0.7-topk5", "t1.3-topp0.9-minp0.1"])
+def test_draws_follow_the_processed_distribution(sampling):
+    ids, probs = distribution(LOGITS, sampling)
+    counts = Counter(choose(LOGITS, sampling, 7, pos) for pos in range(TRIALS))
+    stat, p = chi_square(counts, ids, probs, TRIALS)
+    LOSSLESS_REPORT.append(f"sampler {sampling}: chi-square {stat:.2f} over {len(ids) - 1} dof, p = {p:.3f}")
+    assert p > 0.001, (stat, p)
+
+
+def test_the_chi_square_check_rejects_a_biased_sampler():
+    """A sampler that forgets the temperature (draws at T = 1 when asked for 0.7) must fail."""
+    asked, used = Sampling(0.7), Sampling(1.0)
+    ids, probs = distribution(LOGITS, asked)
+    counts = Counter(choose(LOGITS, used, 7, pos) for pos in range(TRIALS))
+    stat, p = chi_square(counts, ids, probs, TRIALS)
+    LOSSLESS_REPORT.append(f"biased sampler (T=1 for 0.7): chi-square {stat:.1f}, p = {p:.2g} (rejected)")
+    assert stat > CHI2_7_AT_0001
