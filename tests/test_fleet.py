@@ -11,7 +11,8 @@ from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
 from shared.models import resolve
-from shared.protocol import SessionCreate
+from shared.protocol import SamplingOptions, SessionCreate
+from shared.sampling import Sampling
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 
@@ -24,29 +25,33 @@ MAX_TOKENS = 32
 
 @pytest.mark.slow
 def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_backend):
+    """Greedy and seeded-sampling sessions from several drafters share forward passes; each output
+    is right by its own rule."""
     server = verifier(TARGET, "--slots", "8", "--ctx-per-slot", "512", "--wait-window-ms", "5")
     backend = reference_backend(TARGET)
-    # several drafters (two vocabularies, the target's own, none) and prompts
-    plan = [(d, RAW[i]) for i, d in enumerate(
+    # several drafters (two vocabularies, the target's own, none) and prompts; every other one samples
+    plan = [(d, RAW[i], SamplingOptions(temperature=0.8 * (i % 2), seed=70 + i)) for i, d in enumerate(
         ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", None] * 2)]
     drafters = {d: [Drafter(resolve(d), n_threads=1) for _ in range(2)] for d in {p[0] for p in plan} if d}
     before = httpx.get(f"{server.url}/v1/stats").json()
 
     def run(i: int):
-        name, prompt = plan[i]
+        name, prompt, sampling = plan[i]
         drafter = drafters[name][i // 4] if name else None
         with VerifierClient(server.url) as client:
-            return Agent(client, drafter, draft_tokens=5, follow_hint=False).generate(prompt, max_tokens=MAX_TOKENS)
+            agent = Agent(client, drafter, draft_tokens=5, follow_hint=False)
+            return agent.generate(prompt, max_tokens=MAX_TOKENS, sampling=sampling)
 
     with ThreadPoolExecutor(len(plan)) as pool:
         results = list(pool.map(run, range(len(plan))))
     after = httpx.get(f"{server.url}/v1/stats").json()
 
-    verdicts = [judge(r.ids, plain_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS))
-                for r, (_, p) in zip(results, plan)]
+    verdicts = [judge(r.ids, plain_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS,
+                                             Sampling.of(o), o.seed or 0))
+                for r, (_, p, o) in zip(results, plan)]
     kinds = [v.kind for v in verdicts]
     LOSSLESS_REPORT.append(
-        f"8 concurrent agents on {TARGET}: {kinds.count('identical')} identical, "
+        f"8 concurrent agents on {TARGET} (4 greedy, 4 sampled): {kinds.count('identical')} identical, "
         f"{kinds.count('near_tie')} near-tie, {kinds.count('diverged')} diverged"
     )
     assert "diverged" not in kinds, verdicts

@@ -14,6 +14,7 @@ from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient, VerifierError
 from shared.codec import decode
 from shared.protocol import ErrorResponse, SessionCreate
+from shared.sampling import Sampling
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 
@@ -93,6 +94,34 @@ def test_recovery_from_committed_ids_gives_the_same_output(server, reference_bac
         assert text == full.text
 
 
+def test_a_sampled_session_replays_through_a_retry_and_a_resume(server, reference_backend):
+    """Seeded sampling (SLEM): retried rounds and a rebuild from ids on another replica continue
+    the very sample that plain seeded sampling of the target draws."""
+    sampled = {"temperature": 0.7, "seed": 1234}
+    with VerifierClient(server.url) as client:
+        created = client.create_session(SessionCreate(prompt=PROMPT, max_tokens=24, **sampled))
+        assert created.seed == 1234
+        first = client.verify(created.session_id, 1, b"    if n <= 1")
+        assert client.verify(created.session_id, 1, b"    if n <= 1") == first  # a retry
+        ids = list(first.ids)
+        for rnd in range(2, 5):
+            ids += client.verify(created.session_id, rnd, b"    return").ids
+        client.delete_session(created.session_id)
+        resumed = client.create_session(SessionCreate(prompt=PROMPT, max_tokens=24, resume_ids=ids, **sampled))
+        rnd = 1
+        while True:
+            resp = client.verify(resumed.session_id, rnd, b"")
+            ids, rnd = ids + resp.ids, rnd + 1
+            if resp.finished:
+                break
+        unseeded = client.create_session(SessionCreate(prompt=PROMPT, max_tokens=4, temperature=1.0))
+        greedy = client.create_session(SessionCreate(prompt=PROMPT, max_tokens=4))
+    assert unseeded.seed is not None and greedy.seed is None
+    backend = reference_backend(TARGET)
+    ref = plain_reference(backend, backend.tokenizer.prompt_ids(PROMPT, None), 24, Sampling(0.7), 1234)
+    assert judge(ids, ref).kind != "diverged", (ids, ref.ids)
+
+
 def test_json_bodies_are_accepted(server):
     r = httpx.post(f"{server.url}/v1/sessions", json={"prompt": PROMPT, "max_tokens": 4})
     assert r.status_code == 201
@@ -122,6 +151,8 @@ def test_bad_input_gets_clear_errors_and_others_keep_being_served(server):
     _error(httpx.post(url, json={"max_tokens": 3}), 400, "exactly one of 'prompt'")
     _error(httpx.post(url, json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
     _error(httpx.post(url, json={"prompt": "x", "resume_ids": [10**9]}), 400, "outside the vocabulary")
+    for field, value in (("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("min_p", 2), ("top_k", -1), ("seed", -3)):
+        _error(httpx.post(url, json={"prompt": "x", field: value}), 400, field)
     _error(httpx.post(f"{url}/nope/verify", json={"round": 1}), 404, "unknown session")
     big = base64.b64encode(b"x" * 5000).decode()
     _error(httpx.post(f"{url}/{sid}/verify", json={"round": 2, "draft": big}), 413, "exceeds the limit")
