@@ -81,10 +81,23 @@ def distribution(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarra
     return ids, _softmax(logits[ids].astype(np.float64) / s.temperature)
 
 
-def gumbel_noise(seed: int, position: int, n: int) -> np.ndarray:
-    """Gumbel noise for tokens 0..n-1 at ``position``: a function of (seed, position) alone."""
-    rng = np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), position]))
-    u = rng.random(n)
+# Independent random streams at one position: the draw itself, and the two of TLI's rejection step.
+DRAW, ACCEPT, RESIDUAL = 0, 1, 2
+
+
+def _rng(seed: int, position: int, stream: int) -> np.random.Generator:
+    """A counter-based generator keyed by (seed, position); ``stream`` picks a disjoint counter
+    range. Nothing depends on how many numbers were drawn before."""
+    return np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), position], counter=[0, 0, 0, stream]))
+
+
+def uniform(seed: int, position: int, stream: int) -> float:
+    return float(_rng(seed, position, stream).random())
+
+
+def gumbel_noise(seed: int, position: int, n: int, stream: int = DRAW) -> np.ndarray:
+    """Gumbel noise for tokens 0..n-1 at ``position``: a function of (seed, position, stream) alone."""
+    u = _rng(seed, position, stream).random(n)
     return -np.log(-np.log(np.maximum(u, np.finfo(np.float64).tiny)))
 
 

@@ -70,3 +70,54 @@ def test_the_chi_square_check_rejects_a_biased_sampler():
     stat, p = chi_square(counts, ids, probs, TRIALS)
     LOSSLESS_REPORT.append(f"biased sampler (T=1 for 0.7): chi-square {stat:.1f}, p = {p:.2g} (rejected)")
     assert stat > CHI2_7_AT_0001
+
+
+VOCAB = 8
+# (name, p over the vocabulary, q' over the vocabulary): generic overlap, q' with a tiny support,
+# p with zeros, q' truncated to its top-2 and renormalised.
+CASES = [
+    ("overlap", [0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02], [0.10, 0.40, 0.05, 0.15, 0.10, 0.10, 0.05, 0.05]),
+    ("tiny-q", [0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]),
+    ("p-zeros", [0.0, 0.5, 0.0, 0.3, 0.0, 0.2, 0.0, 0.0], [0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
+    ("q-top2", [0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02], [0.0, 0.0, 0.6, 0.4, 0.0, 0.0, 0.0, 0.0]),
+]
+
+
+def speculative_outputs(p_full, q_full, trials: int, residual_from_p: bool = False) -> Counter:
+    """Draw x ~ q' and apply one rejection step; the output token of each trial."""
+    from verifier_server.acceptance import Proposal, rejection_step
+
+    p_full, q_full = np.asarray(p_full), np.asarray(q_full)
+    p_ids = np.flatnonzero(p_full)
+    q_ids = np.flatnonzero(q_full)
+    proposal = Proposal(tuple(q_ids.tolist()), tuple(q_full[q_ids].tolist()))
+    xs = np.random.default_rng(0).choice(VOCAB, size=trials, p=q_full)
+    out: Counter = Counter()
+    for t, x in enumerate(xs):
+        if residual_from_p:  # a classic bug: on rejection, resample from p instead of the residual
+            token = rejection_step(p_ids, p_full[p_ids], proposal, int(x), 11, t, VOCAB)
+            if token is not None:
+                token = choose(np.log(np.maximum(p_full, 1e-300)), Sampling(1.0), 11, t)
+        else:
+            token = rejection_step(p_ids, p_full[p_ids], proposal, int(x), 11, t, VOCAB)
+        out[int(x) if token is None else token] += 1
+    return out
+
+
+@pytest.mark.parametrize("name,p,q", CASES, ids=[c[0] for c in CASES])
+def test_speculative_sampling_outputs_follow_the_target(name, p, q):
+    counts = speculative_outputs(p, q, TRIALS)
+    ids = np.flatnonzero(p)
+    stat, pvalue = chi_square(counts, ids, np.asarray(p)[ids], TRIALS)
+    LOSSLESS_REPORT.append(f"rejection sampler, {name}: chi-square {stat:.2f} over {ids.size - 1} dof, "
+                           f"p = {pvalue:.3f} ({TRIALS} trials)")
+    assert pvalue > 0.001, (stat, pvalue)
+
+
+def test_the_chi_square_check_rejects_a_wrong_rejection_sampler():
+    name, p, q = CASES[0]
+    counts = speculative_outputs(p, q, TRIALS, residual_from_p=True)
+    ids = np.flatnonzero(p)
+    stat, pvalue = chi_square(counts, ids, np.asarray(p)[ids], TRIALS)
+    LOSSLESS_REPORT.append(f"wrong rejection sampler (resamples from p): chi-square {stat:.1f}, p = {pvalue:.2g} (rejected)")
+    assert stat > CHI2_7_AT_0001

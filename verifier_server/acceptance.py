@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.sampling import Sampling, choose
+from shared.sampling import ACCEPT, RESIDUAL, Sampling, choose, distribution, gumbel_noise, uniform
 
 
 class LogitRows(Protocol):
@@ -81,3 +81,59 @@ class SlemSample:
             if n == len(candidates) or candidates[n] != token:
                 return Acceptance(n, token)
             n += 1
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The distribution q' a drafter sampled one draft token from, over target ids (sparse)."""
+
+    ids: tuple[int, ...]
+    probs: tuple[float, ...]
+
+
+def rejection_step(p_ids: np.ndarray, p: np.ndarray, q: Proposal, candidate: int,
+                   seed: int, position: int, n_vocab: int) -> int | None:
+    """One step of speculative sampling: None if ``candidate`` (drawn from q) is accepted, with
+    probability min(1, p(x)/q(x)); otherwise the token drawn from normalize(max(0, p - q)). Both
+    random choices come from the session's counter-based streams at ``position``, so a replay is
+    exact. The output is distributed exactly as p."""
+    q_ids, q_probs = np.asarray(q.ids), np.asarray(q.probs, dtype=np.float64)
+    px = float(p[p_ids == candidate].sum())
+    qx = float(q_probs[q_ids == candidate].sum())
+    if uniform(seed, position, ACCEPT) * qx < px:
+        return None
+    ids = np.union1d(p_ids, q_ids)
+    dense_p = np.zeros(ids.size)
+    dense_p[np.searchsorted(ids, p_ids)] = p
+    residual = dense_p.copy()
+    np.subtract.at(residual, np.searchsorted(ids, q_ids), q_probs)
+    residual = np.maximum(residual, 0.0)
+    if residual.sum() <= 0.0:  # p == q up to rounding: the residual is p itself
+        residual = dense_p
+    with np.errstate(divide="ignore"):
+        scores = np.log(residual) + gumbel_noise(seed, position, n_vocab, RESIDUAL)[ids]
+    return int(ids[int(np.argmax(scores))])
+
+
+@dataclass(frozen=True)
+class TliSample:
+    """Token-level intersection: the drafter sampled each candidate from q' (its own processed
+    distribution restricted to tokens whose bytes are one target token, renormalised) and sends q';
+    the verifier runs standard speculative sampling against the processed target distribution p.
+    After a fully accepted draft the bonus is the target's own seeded draw."""
+
+    sampling: Sampling
+    seed: int
+    position: int
+    proposals: tuple[Proposal, ...]
+    name: str = "sample-tli"
+
+    def accept(self, candidates: Sequence[int], rows: LogitRows) -> Acceptance:
+        for n, candidate in enumerate(candidates):
+            row = rows[n]
+            p_ids, p = distribution(row, self.sampling)
+            token = rejection_step(p_ids, p, self.proposals[n], candidate, self.seed, self.position + n, row.size)
+            if token is not None:
+                return Acceptance(n, token)
+        n = len(candidates)
+        return Acceptance(n, choose(rows[n], self.sampling, self.seed, self.position + n))
