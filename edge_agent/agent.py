@@ -5,13 +5,22 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.tli import TliProposer, intersection, shares_vocabulary, target_vocabulary
 from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate
+from shared.sampling import Sampling
 
 if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
+
+# How a sampled session drafts: token-level intersection (samples from q', sent along) or plain
+# drafts verified by SLEM-sampling; auto picks TLI where the drafter's tokens are the target's
+# (measured: only there does it accept more, see edge_agent.tli.shares_vocabulary).
+SamplingMode = Literal["auto", "slem", "tli"]
 
 # The longest draft a device offers; the verifier's hint shortens it to what pays on its hardware.
 # 10 measured best under the modeled memory-bound GPU verifier (README, "Draft length").
@@ -30,6 +39,8 @@ class GenerationResult:
     round_latencies_s: list[float] = field(default_factory=list)
     resumed: int = 0  # times the session was re-created from its ids
     seed: int | None = None  # the sampling seed in use (None: greedy)
+    # TLI: per drafted position, the drafter's probability mass inside the intersection
+    tli_mass_inside: list[float] = field(default_factory=list)
 
     @property
     def committed_tokens(self) -> int:
@@ -50,6 +61,8 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "resumed": self.resumed,
             "seed": self.seed,
+            "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
+            if self.tli_mass_inside else None,
         }
 
 
@@ -99,11 +112,37 @@ class Agent:
         drafter: Drafter | None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         follow_hint: bool = True,
+        sampling_mode: SamplingMode = "auto",
     ) -> None:
         self.client = client
         self.drafter = drafter
         self.draft_tokens = draft_tokens if drafter is not None else 0
         self.follow_hint = follow_hint
+        self.sampling_mode = sampling_mode
+        self._tli_map: np.ndarray | None = None  # drafter id -> target id, built on first use
+        self._tli_auto = False  # whether ``auto`` picks TLI for this pair
+
+    def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
+        """The drafter -> target id map when this session drafts with TLI: a sampled session, and
+        ``tli``, or ``auto`` where the drafter's tokens are the target's (where TLI wins)."""
+        if self.drafter is None or request.temperature == 0 or self.sampling_mode == "slem":
+            return None
+        tok = self.drafter.tokenizer
+        if self._tli_map is None:
+            self._tli_map = intersection(tok, tok.n_vocab, target_vocabulary(self.client))
+            self._tli_auto = shares_vocabulary(self._tli_map, tok)
+        return self._tli_map if self.sampling_mode == "tli" or self._tli_auto else None
+
+    def _draft(self, k: int, tli: TliProposer | None) -> tuple[list[int], TliProposer | None]:
+        """Drafter ids of the next draft; a TLI draft that ends at its first position (nothing the
+        drafter wants is a target token) falls back to a plain draft for this round."""
+        if self.drafter is None or k <= 0:
+            return [], None
+        if tli is not None:
+            ids = self.drafter.draft(k, tli)
+            if ids:
+                return ids, tli
+        return self.drafter.draft(k), None
 
     def generate(
         self,
@@ -130,14 +169,23 @@ class Agent:
             request = request.model_copy(update={"seed": created.seed})
         if self.drafter is not None:
             self.drafter.start(prompt, messages)
+        tli_mapping = self._tli_mapping(request)
         try:
             while True:
                 k = length.for_hint(hint) if self.follow_hint else self.draft_tokens
-                pieces = self.drafter.draft(k) if self.drafter is not None and k > 0 else []
+                proposer = None
+                if tli_mapping is not None:
+                    rng = np.random.default_rng([created.seed or 0, len(result.ids)])
+                    proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
+                ids, tli = self._draft(k, proposer)
+                pieces = [self.drafter.tokenizer.piece(t) for t in ids] if self.drafter is not None else []
                 draft = b"".join(pieces)
+                if proposer is not None:
+                    result.tli_mass_inside += proposer.mass_inside
                 t_round = time.perf_counter()
                 try:
-                    resp = self.client.verify(session, round_no, draft)
+                    resp = self.client.verify(session, round_no, draft, tli.target_ids if tli else None,
+                                              tli.proposals if tli else None)
                 except VerifierError as e:
                     if e.status != 404:
                         raise

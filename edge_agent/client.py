@@ -17,11 +17,13 @@ from shared.codec import MSGPACK, DecodeError, decode, encode
 from shared.protocol import (
     API_PREFIX,
     ErrorResponse,
+    Proposal,
     ServerInfo,
     SessionCreate,
     SessionCreated,
     VerifyRequest,
     VerifyResponse,
+    Vocabulary,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -69,9 +71,13 @@ class VerifierClient:
     def create_session(self, req: SessionCreate) -> SessionCreated:
         return self._call("POST", "/sessions", req, SessionCreated)
 
-    def verify(self, session_id: str, round_no: int, draft: bytes) -> VerifyResponse:
-        req = VerifyRequest(round=round_no, draft=draft)
+    def verify(self, session_id: str, round_no: int, draft: bytes, draft_ids: list[int] | None = None,
+               proposals: list[Proposal] | None = None) -> VerifyResponse:
+        req = VerifyRequest(round=round_no, draft=draft, draft_ids=draft_ids, proposals=proposals)
         return self._call("POST", f"/sessions/{session_id}/verify", req, VerifyResponse)
+
+    def vocabulary(self) -> Vocabulary:
+        return self._call("GET", "/vocab", None, Vocabulary)
 
     def delete_session(self, session_id: str) -> None:
         with contextlib.suppress(httpx.HTTPError):  # best effort: the server expires idle sessions

@@ -7,7 +7,7 @@ prefix with what it already evaluated, so an accepted draft costs no re-evaluati
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -39,27 +39,29 @@ class Drafter:
         """Append committed text (complete UTF-8 from the verifier) to the drafter's context."""
         self.tokens += spell(self.tokenizer, self.tokens, text)
 
-    def draft(self, k: int) -> list[bytes]:
-        """Greedy draft of up to ``k`` tokens after the committed text, as each token's bytes.
+    def draft(self, k: int, pick: Callable[[np.ndarray], int | None] | None = None) -> list[int]:
+        """Draft up to ``k`` tokens after the committed text; the ids of those that carry text.
 
-        Stops at the drafter's end-of-generation; other control tokens are dropped from the text.
+        ``pick`` chooses each token from the drafter's logits (None ends the draft); greedy by
+        default. A draft stops at the drafter's end-of-generation; other control tokens are
+        evaluated but carry no text.
         """
         if k <= 0 or not self.tokens:
             return []
         self._sync()
-        pieces: list[bytes] = []
+        out: list[int] = []
         for i in range(k):
             logits = np.ctypeslib.as_array(
                 llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.tokenizer.n_vocab,)
             )
-            tok = int(logits.argmax())
-            if self.tokenizer.is_eog(tok):
+            tok = int(logits.argmax()) if pick is None else pick(logits)
+            if tok is None or self.tokenizer.is_eog(tok):
                 break
             if not self.tokenizer.is_control(tok):
-                pieces.append(self.tokenizer.piece(tok))
+                out.append(tok)
             if i + 1 < k:
                 self.llm.eval([tok])
-        return pieces
+        return out
 
     def _sync(self) -> None:
         """Make the KV cache hold ``self.tokens``, keeping the longest prefix it already has."""

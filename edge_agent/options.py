@@ -17,6 +17,9 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--drafter", default="smollm2-135m", help="registry name or GGUF path; 'none' for plain decoding")
     ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="longest draft per round, in drafter tokens")
     ap.add_argument("--fixed-draft", action="store_true", help="ignore the verifier's draft-length hint")
+    ap.add_argument("--sampling", choices=("auto", "slem", "tli"), default="auto",
+                    help="how a sampled session drafts: token-level intersection (tli), plain drafts (slem), "
+                         "or tli where the drafter's vocabulary is the target's (auto)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="drafter CPU threads (default: all cores)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -36,4 +39,4 @@ def open_client(args: argparse.Namespace) -> VerifierClient:
 
 
 def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | None) -> Agent:
-    return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft)
+    return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft, sampling_mode=args.sampling)

@@ -80,12 +80,44 @@ class SessionCreated(_Message):
     seed: int | None = None
 
 
+class Proposal(_Message):
+    """The distribution q' one TLI draft token was sampled from, over target ids (sparse)."""
+
+    ids: list[int] = Field(min_length=1)
+    probs: list[float] = Field(min_length=1)
+
+
 class VerifyRequest(_Message):
     """One round: the device's draft as raw bytes. Rounds are numbered from 1; resending the last
-    round number returns the same answer without committing anything twice."""
+    round number returns the same answer without committing anything twice.
+
+    A TLI round (token-level intersection, sampled sessions) also sends the draft as target ids,
+    each with the distribution q' the drafter sampled it from; ``draft`` must then be their bytes.
+    """
 
     round: int = Field(ge=1)
     draft: bytes = b""
+    draft_ids: list[int] | None = None
+    proposals: list[Proposal] | None = None
+
+    @model_validator(mode="after")
+    def _tli_round(self) -> VerifyRequest:
+        if (self.draft_ids is None) != (self.proposals is None):
+            raise ValueError("a TLI round gives both 'draft_ids' and 'proposals', or neither")
+        if self.draft_ids is None or self.proposals is None:
+            return self
+        if len(self.draft_ids) != len(self.proposals):
+            raise ValueError(f"{len(self.draft_ids)} draft_ids but {len(self.proposals)} proposals")
+        for i, (token, q) in enumerate(zip(self.draft_ids, self.proposals)):
+            if len(q.ids) != len(q.probs):
+                raise ValueError(f"proposals[{i}]: {len(q.ids)} ids but {len(q.probs)} probs")
+            if len(set(q.ids)) != len(q.ids):
+                raise ValueError(f"proposals[{i}]: repeated ids")
+            if any(not 0.0 <= x <= 1.0 for x in q.probs) or abs(sum(q.probs) - 1.0) > 1e-3:
+                raise ValueError(f"proposals[{i}]: probs must lie in [0, 1] and sum to 1 (sum {sum(q.probs):.6f})")
+            if token not in q.ids or q.probs[q.ids.index(token)] <= 0.0:
+                raise ValueError(f"proposals[{i}]: draft id {token} has no probability in its proposal")
+        return self
 
 
 class VerifyResponse(_Message):
@@ -120,6 +152,8 @@ class Limits(_Message):
 
 class ServerInfo(_Message):
     protocol_version: int
+    # Content hash of the target vocabulary (``GET /v1/vocab``), for an agent's cache.
+    vocab_hash: str
     model: str
     backend: str
     n_vocab: int
@@ -136,3 +170,10 @@ class ErrorBody(_Message):
 
 class ErrorResponse(_Message):
     error: ErrorBody
+
+
+class Vocabulary(_Message):
+    """The target's vocabulary as the bytes of every id (empty for control tokens), for TLI."""
+
+    hash: str
+    pieces: list[bytes]

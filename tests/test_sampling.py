@@ -115,7 +115,7 @@ def test_speculative_sampling_outputs_follow_the_target(name, p, q):
 
 
 def test_the_chi_square_check_rejects_a_wrong_rejection_sampler():
-    name, p, q = CASES[0]
+    _, p, q = CASES[0]
     counts = speculative_outputs(p, q, TRIALS, residual_from_p=True)
     ids = np.flatnonzero(p)
     stat, pvalue = chi_square(counts, ids, np.asarray(p)[ids], TRIALS)

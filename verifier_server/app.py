@@ -81,6 +81,17 @@ def create_app(engine: Engine, expire_every_s: float = 30.0) -> FastAPI:
     async def info(request: Request) -> Response:
         return _reply(request, engine.info())
 
+    @app.get(f"{API_PREFIX}/vocab")
+    async def vocab(request: Request) -> Response:
+        """The target's pieces (for TLI); cacheable: the ETag is the vocabulary's content hash."""
+        etag = f'"{engine.vocabulary.hash}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"etag": etag})
+        response = _reply(request, engine.vocabulary)
+        response.headers["etag"] = etag
+        response.headers["cache-control"] = "public, max-age=86400"
+        return response
+
     @app.get(f"{API_PREFIX}/stats")
     async def stats() -> dict:
         return engine.stats()

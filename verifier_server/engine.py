@@ -5,6 +5,7 @@ goes to a ``Runner``, which verifies whole rounds.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections import deque
@@ -24,16 +25,26 @@ from shared.protocol import (
     SessionCreated,
     VerifyRequest,
     VerifyResponse,
+    Vocabulary,
 )
 from shared.sampling import Sampling
 from shared.utf8 import common_prefix_len, complete_prefix_len
-from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample
+from verifier_server.acceptance import GREEDY, AcceptanceRule, Proposal, SlemSample, TliSample
 from verifier_server.draft_hint import recommend
-from verifier_server.runner import Runner
+from verifier_server.runner import Runner, TargetTokenizer
 from verifier_server.session import Session
 
 # Rounds whose engine overhead /v1/stats summarises (a fresh benchmark verifier sees them all).
 OVERHEAD_WINDOW = 100_000
+
+
+def _vocabulary(tok: TargetTokenizer) -> Vocabulary:
+    """The target's pieces and their content hash (what an agent caches its TLI map by)."""
+    pieces = [tok.piece(t) for t in range(tok.n_vocab)]
+    digest = hashlib.sha256()
+    for p in pieces:
+        digest.update(len(p).to_bytes(2, "little") + p)
+    return Vocabulary(hash=digest.hexdigest()[:32], pieces=pieces)
 
 
 class EngineError(Exception):
@@ -82,18 +93,20 @@ class Engine:
         self.rounds = 0
         # Per round: seconds in the engine and runner outside the model and the wait for a pass.
         self.round_overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
+        self.vocabulary = _vocabulary(runner.tokenizer)
 
     # --- info ---------------------------------------------------------------------------------
     def info(self) -> ServerInfo:
         tok = self.runner.tokenizer
         return ServerInfo(
             protocol_version=PROTOCOL_VERSION,
+            vocab_hash=self.vocabulary.hash,
             model=self.runner.model_name,
             backend=self.runner.name,
             n_vocab=tok.n_vocab,
             tokenizer=tok.kind,
             chat_template=tok.chat_template is not None,
-            capabilities=["greedy", "sample-slem", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
+            capabilities=["greedy", "sample-slem", "sample-tli", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
@@ -241,11 +254,14 @@ class Engine:
             pending = bytes(s.text[s.sent :])
             draft = draft[len(pending) :] if draft.startswith(pending) else b""
             room = max(min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1), 0)
-            candidates = []
-            if draft and room:
+            candidates: list[int] = []
+            rule = self._rule(s)
+            if req.draft_ids is not None:
+                candidates, rule = self._tli_round(s, req, room, bool(pending))
+            elif draft and room:
                 ids = list(s.ids)  # a snapshot: the thread must not see the list change
                 candidates = (await asyncio.to_thread(continuation_ids, self.runner.tokenizer, ids, draft))[:room]
-            outcome = await self.runner.verify(s.id, s.ids, candidates, self._rule(s))
+            outcome = await self.runner.verify(s.id, s.ids, candidates, rule)
             s.history.observe(len(candidates), outcome.accepted)
             old = len(s.ids)
             self._commit(s, candidates[: outcome.accepted] + [outcome.token])
@@ -260,6 +276,25 @@ class Engine:
         if s.sampling.greedy:
             return GREEDY
         return SlemSample(s.sampling, s.seed, len(s.ids))
+
+    def _tli_round(self, s: Session, req: VerifyRequest, room: int, pending: bool) -> tuple[list[int], AcceptanceRule]:
+        """The candidates and rule of a TLI round: the device's target ids and their q'. A draft
+        that cannot continue the committed text (it began before bytes held back since) is
+        dropped: the round then draws one token, as any round does."""
+        assert req.draft_ids is not None and req.proposals is not None
+        if s.sampling.greedy:
+            raise EngineError("a TLI round needs a sampled session (temperature > 0)")
+        tok = self.runner.tokenizer
+        bad = [t for q in req.proposals for t in q.ids if not 0 <= t < tok.n_vocab]
+        if bad:
+            raise EngineError(f"proposals hold ids outside the vocabulary (0..{tok.n_vocab - 1}): {bad[:5]}")
+        if b"".join(tok.piece(t) for t in req.draft_ids) != req.draft:
+            raise EngineError("'draft' must be the bytes of 'draft_ids' in a TLI round")
+        if pending:
+            return [], self._rule(s)
+        candidates = req.draft_ids[:room]
+        proposals = tuple(Proposal(tuple(q.ids), tuple(q.probs)) for q in req.proposals[: len(candidates)])
+        return candidates, TliSample(s.sampling, s.seed, len(s.ids), proposals)
 
     def _commit(self, s: Session, new_ids: list[int]) -> None:
         """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""
