@@ -156,6 +156,23 @@ def test_bad_input_gets_clear_errors_and_others_keep_being_served(server):
     _error(httpx.post(f"{url}/nope/verify", json={"round": 1}), 404, "unknown session")
     big = base64.b64encode(b"x" * 5000).decode()
     _error(httpx.post(f"{url}/{sid}/verify", json={"round": 2, "draft": big}), 413, "exceeds the limit")
+    # malformed TLI rounds
+    sampled = httpx.post(url, json={"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0}).json()["session_id"]
+    tli = f"{url}/{sampled}/verify"
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    q = {"ids": [262], "probs": [1.0]}
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [262]}), 400, "both 'draft_ids' and 'proposals'")
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [262, 262], "proposals": [q]}), 400, "2 draft_ids but 1 proposals")
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [262], "proposals": [{"ids": [262, 5], "probs": [0.5, 0.2]}]}),
+           400, "sum to 1")
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [262], "proposals": [{"ids": [5], "probs": [1.0]}]}),
+           400, "has no probability")
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [10**9], "proposals": [{"ids": [10**9], "probs": [1.0]}],
+                                 "draft": b64(b"")}), 400, "outside the vocabulary")
+    _error(httpx.post(tli, json={"round": 1, "draft_ids": [262], "proposals": [q], "draft": b64(b"zz")}), 400,
+           "bytes of 'draft_ids'")
+    _error(httpx.post(f"{url}/{sid}/verify", json={"round": 2, "draft_ids": [262], "proposals": [q], "draft": b64(b"  ")}),
+           400, "needs a sampled session")
     # the session in progress is untouched and carries on
     second = _verify(server, sid, 2)
     assert second["round"] == 2 and second["committed_tokens"] == first["committed_tokens"] + len(second["ids"])
