@@ -25,6 +25,7 @@ from bench.target import TargetProfile, profile
 from bench.workload import DEFAULT_WORKLOAD, Prompt, load
 from edge_agent.agent import DEFAULT_DRAFT_TOKENS
 from shared.models import ModelError, resolve
+from shared.sampling import Sampling
 from verifier_server.process import LaunchError
 
 PAIRS = (
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
                     help="fixed mode's draft length, and speculative mode's cap on the hint")  # fmt: skip
     ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra time per round trip")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above, every prompt samples with its own fixed seed")
+    ap.add_argument("--sampling", choices=("slem", "tli"), default="slem", help="how sampled sessions draft")
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="prompts, one JSON object a line")
     ap.add_argument("--kind", choices=("code", "chat"), help="only raw code prompts, or only chats")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
@@ -95,7 +99,8 @@ class _Grid:
         records, profiles = [], []
         for target in self.targets:
             t0 = time.perf_counter()
-            prof = profile(target, list(self.settings.prompts), self.settings.max_tokens, self.cores.verifier)
+            prof = profile(target, list(self.settings.prompts), self.settings.max_tokens, self.cores.verifier,
+                           Sampling(self.settings.temperature))
             profiles.append(prof)
             _log(f"{target}: references and cost curve in {time.perf_counter() - t0:.0f} s")
             for n in self.ns:
@@ -125,7 +130,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     prompts: tuple[Prompt, ...] = tuple(workload[:n_prompts])
     cores = plan_cores(max(ns))
     _log(cores.describe())
-    settings = Settings(prompts, max_tokens, args.draft_tokens, args.network_delay_ms)
+    settings = Settings(prompts, max_tokens, args.draft_tokens, args.network_delay_ms, args.temperature, args.sampling)
     gpu = GpuModel()
     records, profiles = _Grid(pairs, ns, args.modes, settings, cores).records(gpu)
     caps = capacity(records)
@@ -142,6 +147,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             "max_tokens": max_tokens,
             "draft_tokens": args.draft_tokens,
             "network_delay_ms": args.network_delay_ms,
+            "temperature": args.temperature,
+            "sampling": args.sampling,
         },
         "records": records,
         "capacity": caps,

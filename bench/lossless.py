@@ -9,20 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bench.procs import BenchError
-from bench.workload import Prompt
+from bench.workload import Prompt, prompt_seed
+from shared.sampling import GREEDY_SAMPLING, Sampling
 from verifier_server.llama.forward import ForwardBackend
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import Reference, judge
 
 
-def references(backend: ForwardBackend, prompts: list[Prompt], max_tokens: int) -> dict[str, Reference]:
-    """The greedy reference of each prompt, keyed by prompt id."""
+def references(backend: ForwardBackend, prompts: list[Prompt], max_tokens: int,
+               sampling: Sampling = GREEDY_SAMPLING) -> dict[str, Reference]:
+    """The plain reference of each prompt (greedy, or seeded sampling with the prompt's seed)."""
     if backend.tokenizer.chat_template is None and any(p.kind == "chat" for p in prompts):
         raise BenchError(f"{backend.model_name} has no chat template: choose raw prompts with --kind code")
     out = {}
     for p in prompts:
         ids = backend.tokenizer.prompt_ids(p.prompt, p.message_list)
-        out[p.id] = plain_reference(backend, ids, max_tokens)
+        out[p.id] = plain_reference(backend, ids, max_tokens, sampling, prompt_seed(p.id))
     return out
 
 

@@ -34,14 +34,19 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         sum(len(line["ids"]) for line in device) / sum(line["summary"]["elapsed_s"] for line in device)
         for device in m.devices
     ]
+    settings = m.config.settings
+    # TLI draws differently from plain seeded sampling (it is exact in distribution, not per seed)
+    per_seed = settings.temperature == 0 or settings.sampling == "slem" or m.config.mode == "plain"
     tally = Tally()
-    for line in lines:
+    for line in lines if per_seed else []:
         tally.add(line["id"], line["ids"], target.references[line["id"]])
     st = m.stats
     p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
     return {
         "pair": pair,
         "mode": m.config.mode,
+        "temperature": settings.temperature,
+        "sampling": "greedy" if settings.temperature == 0 else settings.sampling,
         "n_devices": m.config.n_devices,
         "prompts": len(lines),
         "committed_tokens": committed,
@@ -65,6 +70,8 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         "lossless_failures": tally.failures,
         "round_overhead_ms_p50": st["round_overhead_ms"]["p50"],
         "round_overhead_ms_p95": st["round_overhead_ms"]["p95"],
+        "acceptance_rule_ms_p50": st["acceptance_rule_ms"]["p50"],
+        "acceptance_rule_ms_p95": st["acceptance_rule_ms"]["p95"],
         "batch_sizes": st["batch_sizes"],
         "modeled_gpu_s_per_token": _ratio(gpu.replay_s(st["batch_sizes"], target.n_params), committed),
     }

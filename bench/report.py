@@ -36,6 +36,8 @@ def _fmt(x: float | None, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def _lossless(r: dict) -> str:
+    if not r["lossless_total"]:
+        return "in dist."  # TLI: exact in distribution, not per seed
     return f"{r['lossless_identical']}+{r['lossless_near_tie']}/{r['lossless_total']}"
 
 
@@ -55,6 +57,7 @@ _COLUMNS = (
     ("p95 ms", 7, lambda r: _fmt(r["round_latency_p95_s"], 1, 1e3)),
     ("ovh p50", 7, lambda r: _fmt(r["round_overhead_ms_p50"], 2)),
     ("ovh p95", 7, lambda r: _fmt(r["round_overhead_ms_p95"], 2)),
+    ("rule ms", 7, lambda r: _fmt(r["acceptance_rule_ms_p50"], 2)),
     ("lossless", 9, _lossless),
 )
 

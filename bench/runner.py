@@ -26,6 +26,8 @@ class Settings:
     max_tokens: int
     draft_tokens: int
     network_delay_ms: float
+    temperature: float = 0.0  # 0: greedy; above, each prompt samples with its own seed
+    sampling: str = "slem"  # how sampled sessions draft: "slem" or "tli"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ def _worker_args(config: RunConfig, prompts_file: Path, server: str) -> list[str
         "--max-tokens", str(s.max_tokens),
         "--threads", "1",
         "--network-delay-ms", str(s.network_delay_ms),
+        "--temperature", str(s.temperature),
+        "--sampling", s.sampling,
     ]  # fmt: skip
     return args + ["--fixed-draft"] if config.mode == "fixed" else args
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from bench.lossless import references
 from bench.workload import Prompt
 from shared.models import resolve
+from shared.sampling import GREEDY_SAMPLING, Sampling
 from verifier_server.llama.calibration import measure_cost_curve
 from verifier_server.lossless import Reference
 
@@ -28,7 +29,8 @@ class TargetProfile:
     references: dict[str, Reference]
 
 
-def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[int, ...]) -> TargetProfile:
+def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[int, ...],
+            sampling: Sampling = GREEDY_SAMPLING) -> TargetProfile:
     """Load ``target`` on ``cores`` (this process is pinned there meanwhile) and measure it."""
     from verifier_server.llama.backend import LlamaBackend  # the one import of llama.cpp here
 
@@ -44,7 +46,7 @@ def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[in
                     {"tokens": b, "seconds": round(t, 6)}
                     for b, t in measure_cost_curve(backend, COST_CURVE_TOKENS, COST_CURVE_REPEATS).items()
                 ],
-                references=references(backend, prompts, max_tokens),
+                references=references(backend, prompts, max_tokens, sampling),
             )
         finally:
             backend.close()

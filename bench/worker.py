@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from bench.workload import load
+from bench.workload import load, prompt_seed
 from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
+from shared.protocol import SamplingOptions
 
 # One round can wait behind every other device's round on a loaded two-core machine.
 REQUEST_TIMEOUT_S = 300.0
@@ -24,6 +25,7 @@ REQUEST_TIMEOUT_S = 300.0
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     add_agent_args(ap)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; each prompt samples with its own seed")
     ap.add_argument("--prompts", type=Path, required=True, help="JSON lines, as bench/workload.jsonl")
     ap.set_defaults(drafter="none", threads=1, timeout=REQUEST_TIMEOUT_S)
     return ap
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     with open_client(args) as client:
         agent = make_agent(args, client, drafter)
         for p in prompts:
-            result = agent.generate(p.prompt, p.message_list, args.max_tokens)
+            sampling = SamplingOptions(temperature=args.temperature, seed=prompt_seed(p.id))
+            result = agent.generate(p.prompt, p.message_list, args.max_tokens, sampling=sampling)
             _emit({
                 "id": p.id,
                 "summary": result.summary(),

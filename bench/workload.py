@@ -7,6 +7,7 @@ that any leading slice, as the quick run takes, holds both.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ class Prompt:
     def message_list(self) -> list[ChatMessage] | None:
         """The messages as the agent and ``prompt_ids`` take them."""
         return list(self.messages) if self.messages is not None else None
+
+
+def prompt_seed(prompt_id: str) -> int:
+    """The sampling seed of a prompt in every run: the same text is drawn for it in each mode."""
+    return zlib.crc32(prompt_id.encode())
 
 
 def load(path: Path = DEFAULT_WORKLOAD) -> list[Prompt]:

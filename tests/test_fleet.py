@@ -25,21 +25,24 @@ MAX_TOKENS = 32
 
 @pytest.mark.slow
 def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_backend):
-    """Greedy and seeded-sampling sessions from several drafters share forward passes; each output
-    is right by its own rule."""
+    """Greedy, SLEM-sampling and TLI sessions from several drafters share forward passes; greedy and
+    SLEM outputs equal plain decoding with their seed (the near-tie rule), TLI ones run to their end
+    (TLI's exactness is distributional: test_sampling and test_sampling_distribution)."""
     server = verifier(TARGET, "--slots", "8", "--ctx-per-slot", "512", "--wait-window-ms", "5")
     backend = reference_backend(TARGET)
-    # several drafters (two vocabularies, the target's own, none) and prompts; every other one samples
-    plan = [(d, RAW[i], SamplingOptions(temperature=0.8 * (i % 2), seed=70 + i)) for i, d in enumerate(
-        ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", None] * 2)]
+    # several drafters (two vocabularies, the target's own, none) and prompts; odd ones sample,
+    # and the target's own vocabulary drafts the sampled session with TLI
+    drafter_names = ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", None] * 2
+    plan = [(d, RAW[i], SamplingOptions(temperature=0.8 if i % 2 or i == 6 else 0.0, seed=70 + i), "tli" if i == 6 else "slem")
+            for i, d in enumerate(drafter_names)]
     drafters = {d: [Drafter(resolve(d), n_threads=1) for _ in range(2)] for d in {p[0] for p in plan} if d}
     before = httpx.get(f"{server.url}/v1/stats").json()
 
     def run(i: int):
-        name, prompt, sampling = plan[i]
+        name, prompt, sampling, mode = plan[i]
         drafter = drafters[name][i // 4] if name else None
         with VerifierClient(server.url) as client:
-            agent = Agent(client, drafter, draft_tokens=5, follow_hint=False)
+            agent = Agent(client, drafter, draft_tokens=5, follow_hint=False, sampling_mode=mode)
             return agent.generate(prompt, max_tokens=MAX_TOKENS, sampling=sampling)
 
     with ThreadPoolExecutor(len(plan)) as pool:
@@ -48,13 +51,16 @@ def test_eight_concurrent_agents_are_batched_and_lossless(verifier, reference_ba
 
     verdicts = [judge(r.ids, plain_reference(backend, backend.tokenizer.prompt_ids(p, None), MAX_TOKENS,
                                              Sampling.of(o), o.seed or 0))
-                for r, (_, p, o) in zip(results, plan)]
+                for r, (_, p, o, mode) in zip(results, plan) if mode == "slem"]
     kinds = [v.kind for v in verdicts]
+    tli = [r for r, (_, _, _, mode) in zip(results, plan) if mode == "tli"]
     LOSSLESS_REPORT.append(
-        f"8 concurrent agents on {TARGET} (4 greedy, 4 sampled): {kinds.count('identical')} identical, "
-        f"{kinds.count('near_tie')} near-tie, {kinds.count('diverged')} diverged"
+        f"8 concurrent agents on {TARGET} (4 greedy, 3 SLEM, 1 TLI): {kinds.count('identical')} identical, "
+        f"{kinds.count('near_tie')} near-tie, {kinds.count('diverged')} diverged; TLI "
+        f"{tli[0].committed_tokens / tli[0].rounds:.2f} tokens/round"
     )
     assert "diverged" not in kinds, verdicts
+    assert all(r.finish_reason in ("length", "eos") and r.tli_mass_inside for r in tli)
     rounds = after["rounds"] - before["rounds"]
     passes = after["forward_passes"] - before["forward_passes"]
     assert rounds == sum(r.rounds for r in results)

@@ -47,6 +47,12 @@ def _vocabulary(tok: TargetTokenizer) -> Vocabulary:
     return Vocabulary(hash=digest.hexdigest()[:32], pieces=pieces)
 
 
+def _percentiles_ms(seconds: deque[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    p50, p95 = np.percentile(ms, [50, 95]) if ms.size else (0.0, 0.0)
+    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4), "rounds": int(ms.size)}
+
+
 class EngineError(Exception):
     """A request the engine refuses; ``status`` is the HTTP status that fits."""
 
@@ -93,6 +99,7 @@ class Engine:
         self.rounds = 0
         # Per round: seconds in the engine and runner outside the model and the wait for a pass.
         self.round_overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
+        self.round_rule_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)  # the acceptance rule's share
         self.vocabulary = _vocabulary(runner.tokenizer)
 
     # --- info ---------------------------------------------------------------------------------
@@ -119,14 +126,12 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring and the benchmark: the engine's, then the runner's."""
-        overhead = np.asarray(self.round_overhead_s) * 1e3
-        p50, p95 = np.percentile(overhead, [50, 95]) if overhead.size else (0.0, 0.0)
         return {
             "sessions": len(self.sessions),
             "rounds": self.rounds,
             "committed_tokens": self.committed_tokens,
-            "round_overhead_ms": {"p50": round(float(p50), 4), "p95": round(float(p95), 4),
-                                  "rounds": int(overhead.size)},
+            "round_overhead_ms": _percentiles_ms(self.round_overhead_s),
+            "acceptance_rule_ms": _percentiles_ms(self.round_rule_s),
             **self.runner.stats(),
         }
 
@@ -268,6 +273,7 @@ class Engine:
             self.committed_tokens += len(s.ids) - old
             resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
             self.round_overhead_s.append(time.perf_counter() - t0 - outcome.queue_s - outcome.model_s)
+            self.round_rule_s.append(outcome.rule_s)
             return resp
 
     @staticmethod

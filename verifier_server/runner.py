@@ -43,6 +43,7 @@ class RoundOutcome:
     token: int  # the target's token after them (correction or bonus)
     queue_s: float = 0.0  # waiting for a pass (the batching window included)
     model_s: float = 0.0  # the forward pass itself
+    rule_s: float = 0.0  # applying the acceptance rule to the logits
 
 
 class Runner(Protocol):

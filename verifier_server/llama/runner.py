@@ -73,7 +73,7 @@ class LlamaRunner:
         cands = list(candidates)
         done = await self._run(key, list(ids) + cands, len(cands) + 1, partial(rule.accept, cands))
         acceptance: Acceptance = done.value
-        return RoundOutcome(acceptance.accepted, acceptance.token, done.queue_s, done.model_s)
+        return RoundOutcome(acceptance.accepted, acceptance.token, done.queue_s, done.model_s, done.reduce_s)
 
     def release(self, key: str) -> None:
         seq = self._seqs.pop(key, None)

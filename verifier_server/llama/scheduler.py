@@ -45,6 +45,7 @@ class Done:
     value: Any
     queue_s: float  # from submission to the start of its (last) pass
     model_s: float  # the forward pass
+    reduce_s: float = 0.0  # the job's reduce (an acceptance rule) after the pass
 
 
 @dataclass(eq=False)
@@ -256,12 +257,13 @@ class Scheduler:
         dt = time.perf_counter() - t0
         # ``done`` jobs are the leading items; a trailing split chunk has no result to deliver.
         for job, rows in zip(done, results):
+            t_reduce = time.perf_counter()
             try:
                 value = job.reduce(rows) if job.reduce is not None else None
             except Exception as e:
                 _deliver(job.loop, job.future, error=RunnerError(f"acceptance failed: {e}"))
                 continue
-            _deliver(job.loop, job.future, Done(value, t0 - job.submitted, dt))
+            _deliver(job.loop, job.future, Done(value, t0 - job.submitted, dt, time.perf_counter() - t_reduce))
         n = sum(len(it.tokens) for it in items)
         with self._cv:
             self._forward_passes += 1
