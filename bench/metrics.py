@@ -22,6 +22,10 @@ def _get(rec: dict | None, key: str) -> float | None:
     return rec[key] if rec is not None else None
 
 
+def _mean(xs: list[float]) -> float | None:
+    return round(float(np.mean(xs)), 4) if xs else None
+
+
 def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> dict:
     """The figures of one pair, mode and N (see bench/README.md for each field)."""
     lines = [line for device in m.devices for line in device]
@@ -70,6 +74,7 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         "lossless_failures": tally.failures,
         "round_overhead_ms_p50": st["round_overhead_ms"]["p50"],
         "round_overhead_ms_p95": st["round_overhead_ms"]["p95"],
+        "tli_coverage": _mean([line["summary"]["tli_coverage"] for line in lines if line["summary"]["tli_coverage"] is not None]),
         "acceptance_rule_ms_p50": st["acceptance_rule_ms"]["p50"],
         "acceptance_rule_ms_p95": st["acceptance_rule_ms"]["p95"],
         "batch_sizes": st["batch_sizes"],
