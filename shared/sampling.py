@@ -47,7 +47,9 @@ GREEDY_SAMPLING = Sampling()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
+    """Probabilities of logits ``x``: exponentials in float32 (an order of magnitude faster over a
+    whole vocabulary), normalised in float64. Every side computes them with this one function."""
+    e = np.exp((x - x.max()).astype(np.float32)).astype(np.float64)
     return e / e.sum()
 
 

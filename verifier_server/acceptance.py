@@ -96,23 +96,19 @@ def rejection_step(p_ids: np.ndarray, p: np.ndarray, q: Proposal, candidate: int
     """One step of speculative sampling: None if ``candidate`` (drawn from q) is accepted, with
     probability min(1, p(x)/q(x)); otherwise the token drawn from normalize(max(0, p - q)). Both
     random choices come from the session's counter-based streams at ``position``, so a replay is
-    exact. The output is distributed exactly as p."""
-    q_ids, q_probs = np.asarray(q.ids), np.asarray(q.probs, dtype=np.float64)
-    px = float(p[p_ids == candidate].sum())
-    qx = float(q_probs[q_ids == candidate].sum())
-    if uniform(seed, position, ACCEPT) * qx < px:
+    exact. The output is distributed exactly as p. Dense over the vocabulary: no sort, no loop."""
+    dense_p = np.zeros(n_vocab)
+    dense_p[p_ids] = p
+    dense_q = np.zeros(n_vocab)
+    dense_q[np.asarray(q.ids)] = q.probs
+    if uniform(seed, position, ACCEPT) * dense_q[candidate] < dense_p[candidate]:
         return None
-    ids = np.union1d(p_ids, q_ids)
-    dense_p = np.zeros(ids.size)
-    dense_p[np.searchsorted(ids, p_ids)] = p
-    residual = dense_p.copy()
-    np.subtract.at(residual, np.searchsorted(ids, q_ids), q_probs)
-    residual = np.maximum(residual, 0.0)
+    residual = np.maximum(dense_p - dense_q, 0.0)
     if residual.sum() <= 0.0:  # p == q up to rounding: the residual is p itself
         residual = dense_p
     with np.errstate(divide="ignore"):
-        scores = np.log(residual) + gumbel_noise(seed, position, n_vocab, RESIDUAL)[ids]
-    return int(ids[int(np.argmax(scores))])
+        scores = np.log(residual) + gumbel_noise(seed, position, n_vocab, RESIDUAL)
+    return int(np.argmax(scores))
 
 
 @dataclass(frozen=True)
