@@ -5,6 +5,9 @@ import argparse
 import codecs
 import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from edge_agent.client import VerifierError
 from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
@@ -23,7 +26,30 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap PROMPT as one user message")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("prompt")
+
+    c = sub.add_parser("config", help="check and inspect a fleet file")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    v = csub.add_parser("validate", help="check a fleet file (file, line and field of every problem)")
+    v.add_argument("file", type=Path)
+    sh = csub.add_parser("show", help="one device's effective settings (its group with its overrides)")
+    sh.add_argument("file", type=Path)
+    sh.add_argument("--device", required=True)
+    csub.add_parser("schema", help="the fleet file's JSON Schema, for editors")
     return ap
+
+
+def _config(args: argparse.Namespace) -> None:
+    from shared import fleet
+
+    if args.config_command == "schema":
+        print(json.dumps(fleet.schema(), indent=2))
+        return
+    loaded = fleet.load(args.file)
+    if args.config_command == "validate":
+        print(f"{args.file}: valid ({len(loaded.devices)} devices in {len(loaded.groups)} groups)")
+        return
+    shown = fleet.effective(loaded, args.device).model_dump(mode="json")
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -60,7 +86,7 @@ def _generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        _generate(args)
+        {"generate": _generate, "config": _config}[args.command](args)
     except (ModelError, VerifierError, ValueError) as e:
         sys.exit(f"sled-agent: {e}")
     except KeyboardInterrupt:
