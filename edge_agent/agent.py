@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.tli import TliProposer, intersection, shares_vocabulary, target_vocabulary
-from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate
+from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated
 from shared.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class GenerationResult:
     finish_reason: FinishReason | None = None
     round_latencies_s: list[float] = field(default_factory=list)
     resumed: int = 0  # times the session was re-created from its ids
+    failovers: int = 0  # times the agent moved to another verifier replica
     seed: int | None = None  # the sampling seed in use (None: greedy)
     # TLI: per drafted position, the drafter's probability mass inside the intersection
     tli_mass_inside: list[float] = field(default_factory=list)
@@ -60,6 +61,7 @@ class GenerationResult:
             "tokens_per_s": round(self.committed_tokens / max(self.elapsed_s, 1e-9), 2),
             "finish_reason": self.finish_reason,
             "resumed": self.resumed,
+            "failovers": self.failovers,
             "seed": self.seed,
             "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
             if self.tli_mass_inside else None,
@@ -94,6 +96,12 @@ class DraftLength:
         return min(self.cap, max(1, round(hint / per_drafter)))
 
 
+def _replica_lost(e: VerifierError) -> bool:
+    """Whether an error means the session's replica is gone or failing (rather than a bad request):
+    unreachable, a 5xx, or a 404 for a session it no longer knows."""
+    return e.status == 0 or e.status == 404 or e.status >= 500
+
+
 def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
     """How many draft tokens lie wholly inside the accepted byte prefix."""
     n, end = 0, 0
@@ -113,12 +121,14 @@ class Agent:
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         follow_hint: bool = True,
         sampling_mode: SamplingMode = "auto",
+        deadline_s: float = 30.0,
     ) -> None:
         self.client = client
         self.drafter = drafter
         self.draft_tokens = draft_tokens if drafter is not None else 0
         self.follow_hint = follow_hint
         self.sampling_mode = sampling_mode
+        self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
         self._tli_map: np.ndarray | None = None  # drafter id -> target id, built on first use
         self._tli_auto = False  # whether ``auto`` picks TLI for this pair
 
@@ -132,6 +142,22 @@ class Agent:
             self._tli_map = intersection(tok, tok.n_vocab, target_vocabulary(self.client))
             self._tli_auto = shares_vocabulary(self._tli_map, tok)
         return self._tli_map if self.sampling_mode == "tli" or self._tli_auto else None
+
+    def _open(self, request: SessionCreate, result: GenerationResult) -> SessionCreated:
+        """Create the session on the current replica, failing over until one answers or
+        ``deadline_s`` has passed without any (then the last error, as a 503)."""
+        deadline = time.monotonic() + self.deadline_s
+        while True:
+            try:
+                return self.client.create_session(request)
+            except VerifierError as e:
+                if not _replica_lost(e) or e.status == 404:
+                    raise
+                if time.monotonic() > deadline:
+                    raise VerifierError(f"no verifier answered for {self.deadline_s:.0f} s: {e}", 503,
+                                        "unavailable") from None
+                self.client.failover()
+                result.failovers += 1
 
     def _draft(self, k: int, tli: TliProposer | None) -> tuple[list[int], TliProposer | None]:
         """Drafter ids of the next draft; a TLI draft that ends at its first position (nothing the
@@ -162,7 +188,7 @@ class Agent:
         result = GenerationResult()
         length = DraftLength(self.draft_tokens)
         t0 = time.perf_counter()
-        created = self.client.create_session(request)
+        created = self._open(request, result)
         session, hint, round_no = created.session_id, created.draft_hint, 1
         result.seed = created.seed
         if created.seed is not None:
@@ -187,13 +213,16 @@ class Agent:
                     resp = self.client.verify(session, round_no, draft, tli.target_ids if tli else None,
                                               tli.proposals if tli else None)
                 except VerifierError as e:
-                    if e.status != 404:
+                    if not _replica_lost(e):
                         raise
-                    # The session is gone (server restarted, or another replica): rebuild it from
-                    # the ids committed so far; output continues exactly where it was.
+                    if e.status != 404:  # unreachable or failing: another replica takes over
+                        self.client.failover()
+                        result.failovers += 1
+                    # Rebuild the session from the ids committed so far (the answer to a round
+                    # that was lost in flight was never applied here): output continues exactly.
                     resumed = request.model_copy(
                         update={"resume_ids": list(result.ids), "idempotency_key": uuid.uuid4().hex})
-                    session, round_no = self.client.create_session(resumed).session_id, 1
+                    session, round_no = self._open(resumed, result).session_id, 1
                     result.resumed += 1
                     continue
                 result.round_latencies_s.append(time.perf_counter() - t_round)

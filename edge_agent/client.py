@@ -1,13 +1,17 @@
-"""HTTP client for the verifier's protocol: msgpack bodies, timeouts, clear errors, safe retries.
+"""HTTP client for the verifier's protocol: msgpack bodies, timeouts, clear errors, safe retries,
+and the replicas to fail over to.
 
-Verify rounds are numbered, so retrying a round after a dropped connection can never commit twice;
-the client retries transport failures a few times before giving up with a message that names the
-server.
+Verify rounds are numbered and session creation carries an idempotency key, so retrying after a
+dropped connection can never commit twice. The client retries transport failures and 5xx answers
+with exponential backoff and jitter before giving up with a message that names the server; the
+agent then moves the session to the next replica (``failover``) with ``resume_ids``.
 """
 from __future__ import annotations
 
 import contextlib
+import random
 import time
+from collections.abc import Sequence
 from typing import TypeVar
 
 import httpx
@@ -38,26 +42,57 @@ class VerifierError(RuntimeError):
         self.code = code
 
 
+# Answers worth retrying on the same replica: it may be restarting or overloaded for a moment.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
 class VerifierClient:
+    """Talks to one replica at a time (``base_url``), out of ``urls``; ``failover`` moves on."""
+
     def __init__(
         self,
-        base_url: str,
+        urls: str | Sequence[str],
         timeout_s: float = 60.0,
         retries: int = 3,
         network_delay_s: float = 0.0,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        start: int = 0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("a verifier client needs at least one URL")
         self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         # Emulated extra round-trip time, for measuring a device on a slower network.
         self.network_delay_s = network_delay_s
-        self._http = httpx.Client(
-            base_url=self.base_url + API_PREFIX,
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            headers={"content-type": MSGPACK, "accept": MSGPACK},
-        )
+        self._clients = [
+            httpx.Client(
+                base_url=url + API_PREFIX,
+                timeout=httpx.Timeout(timeout_s, connect=5.0),
+                headers={"content-type": MSGPACK, "accept": MSGPACK},
+            )
+            for url in self.urls
+        ]
+        self.current = start % len(self.urls)
+
+    @property
+    def base_url(self) -> str:
+        return self.urls[self.current]
+
+    @property
+    def _http(self) -> httpx.Client:
+        return self._clients[self.current]
+
+    def failover(self) -> str:
+        """Move to the next replica (sessions are re-created there from their ids); its URL."""
+        self.current = (self.current + 1) % len(self.urls)
+        return self.base_url
 
     def close(self) -> None:
-        self._http.close()
+        for client in self._clients:
+            client.close()
 
     def __enter__(self) -> VerifierClient:
         return self
@@ -83,6 +118,10 @@ class VerifierClient:
         with contextlib.suppress(httpx.HTTPError):  # best effort: the server expires idle sessions
             self._http.delete(f"/sessions/{session_id}")
 
+    def _backoff(self, attempt: int) -> None:
+        """Exponential backoff with jitter, so that many devices do not retry in lockstep."""
+        time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.5))
+
     def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M:
         content = encode(body, as_msgpack=True) if body is not None else None
         for attempt in range(self.retries + 1):
@@ -90,11 +129,14 @@ class VerifierClient:
                 time.sleep(self.network_delay_s)
             try:
                 r = self._http.request(method, path, content=content)
-                break
             except httpx.TransportError as e:
                 if attempt == self.retries:
                     raise VerifierError(f"cannot reach the verifier at {self.base_url}: {e}") from None
-                time.sleep(0.2 * 2**attempt)
+                self._backoff(attempt)
+                continue
+            if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                break
+            self._backoff(attempt)
         ctype = r.headers.get("content-type")
         if r.status_code >= 400:
             try:

@@ -12,8 +12,14 @@ if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
 
 
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
 def add_agent_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--server", default="http://127.0.0.1:8000", help="verifier base URL")
+    ap.add_argument("--server", action="append", metavar="URL",
+                    help=f"verifier base URL; repeat it for replicas to fail over between (default {DEFAULT_SERVER})")
+    ap.add_argument("--deadline", type=float, default=30.0,
+                    help="seconds without any verifier answering before a generation fails")
     ap.add_argument("--drafter", default="smollm2-135m", help="registry name or GGUF path; 'none' for plain decoding")
     ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="longest draft per round, in drafter tokens")
     ap.add_argument("--fixed-draft", action="store_true", help="ignore the verifier's draft-length hint")
@@ -35,8 +41,10 @@ def load_drafter(args: argparse.Namespace) -> Drafter | None:
 
 
 def open_client(args: argparse.Namespace) -> VerifierClient:
-    return VerifierClient(args.server, timeout_s=args.timeout, network_delay_s=args.network_delay_ms / 1000)
+    return VerifierClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout,
+                          network_delay_s=args.network_delay_ms / 1000)
 
 
 def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | None) -> Agent:
-    return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft, sampling_mode=args.sampling)
+    return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft, sampling_mode=args.sampling,
+                 deadline_s=args.deadline)
