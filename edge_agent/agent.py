@@ -39,6 +39,7 @@ class GenerationResult:
     round_latencies_s: list[float] = field(default_factory=list)
     resumed: int = 0  # times the session was re-created from its ids
     failovers: int = 0  # times the agent moved to another verifier replica
+    prompt_tokens: int = 0  # the prompt's length in target tokens
     seed: int | None = None  # the sampling seed in use (None: greedy)
     # TLI: per drafted position, the drafter's probability mass inside the intersection
     tli_mass_inside: list[float] = field(default_factory=list)
@@ -191,6 +192,7 @@ class Agent:
         created = self._open(request, result)
         session, hint, round_no = created.session_id, created.draft_hint, 1
         result.seed = created.seed
+        result.prompt_tokens = created.prompt_tokens
         if created.seed is not None:
             request = request.model_copy(update={"seed": created.seed})
         if self.drafter is not None:

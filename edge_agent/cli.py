@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from edge_agent.client import VerifierError
-from edge_agent.options import add_agent_args, load_drafter, make_agent, open_client
+from edge_agent.options import DEFAULT_SERVER, add_agent_args, load_drafter, make_agent, open_client
 from shared.models import ModelError
 from shared.protocol import ChatMessage
 from shared.sampling import add_sampling_args, options_from_args
@@ -27,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("prompt")
 
+    d = sub.add_parser("serve", help="run the device daemon: an OpenAI-compatible API for local apps")
+    add_agent_args(d)
+    d.add_argument("--config", type=Path, help="fleet file: this device's settings (flags given here win)")
+    d.add_argument("--device", help="this device's id in the fleet file")
+    d.add_argument("--host", default=None, help="bind address (default 127.0.0.1: local apps only)")
+    d.add_argument("--port", type=int, default=None, help="local API port (default 8080)")
+    d.add_argument("--concurrency", type=int, default=None, help="generations at once (default 2)")
+    d.add_argument("--queue", type=int, default=None, help="requests waiting beyond those; then 429 (default 8)")
+    # Unset means: the fleet file's setting, else the built-in default.
+    d.set_defaults(drafter=None, timeout=None, deadline=None, max_tokens=256)
+
     c = sub.add_parser("config", help="check and inspect a fleet file")
     csub = c.add_subparsers(dest="config_command", required=True)
     v = csub.add_parser("validate", help="check a fleet file (file, line and field of every problem)")
@@ -36,6 +47,43 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", required=True)
     csub.add_parser("schema", help="the fleet file's JSON Schema, for editors")
     return ap
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from edge_agent.client import VerifierClient
+    from edge_agent.daemon import DaemonConfig, create_daemon
+    from shared import fleet
+    from shared.fleet import DeviceSettings, LocalApi
+
+    settings, api, servers, timeout, deadline = DeviceSettings(), LocalApi(), [DEFAULT_SERVER], 60.0, 30.0
+    if args.config is not None:
+        if not args.device:
+            raise ValueError("--config needs --device (this device's id in the fleet file)")
+        device = fleet.effective(fleet.load(args.config), args.device)
+        settings, api = device.settings, device.settings.api
+        servers, timeout, deadline = device.verifier.urls, device.verifier.timeout_s, device.verifier.retry.deadline_s
+    servers = args.server or servers
+    options = argparse.Namespace(**{**vars(args), "drafter": args.drafter or settings.drafter,
+                                    "threads": args.threads or settings.threads})
+    concurrency = args.concurrency or api.concurrency
+    drafters = [load_drafter(options) for _ in range(concurrency)]
+    try:
+        with VerifierClient(servers, timeout_s=5, retries=0) as client:
+            model = client.info().model
+    except VerifierError:
+        model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
+    config = DaemonConfig(
+        servers=servers, model_name=model, max_tokens=args.max_tokens, draft_tokens=settings.max_draft_tokens,
+        sampling_mode=args.sampling, timeout_s=args.timeout or timeout, deadline_s=args.deadline or deadline,
+        concurrency=concurrency,
+        queue=args.queue if args.queue is not None else api.queue,
+    )
+    host, port = args.host or api.host, args.port or api.port
+    print(f"sled-agent: serving the OpenAI API on http://{host}:{port}/v1 (verifier: {', '.join(servers)})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_daemon(config, drafters), host=host, port=port, log_level="warning")
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -86,7 +134,7 @@ def _generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "config": _config}[args.command](args)
+        {"generate": _generate, "serve": _serve, "config": _config}[args.command](args)
     except (ModelError, VerifierError, ValueError) as e:
         sys.exit(f"sled-agent: {e}")
     except KeyboardInterrupt:

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible surface of the device daemon: request models, and the answers and stream
+chunks in OpenAI's formats.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; fields that would change the result in
+ways this server does not implement (``n`` > 1, ``logprobs``, ``tools``, ...) are refused naming
+the field, so that an app never gets a silently different answer.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.agent import GenerationResult
+from shared.protocol import ChatMessage, SamplingOptions
+
+# OpenAI's finish reasons: the end of generation and a stop string are both "stop".
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: None}
+
+
+class ApiError(Exception):
+    """An error in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Fields that change the result, refused unless at their neutral value.
+    n: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        refused = {
+            "n": self.n not in (None, 1),
+            "best_of": self.best_of not in (None, 1),
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "tools": bool(self.tools),
+            "functions": bool(self.functions),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+            "echo": bool(self.echo),
+            "suffix": bool(self.suffix),
+        }
+        for field, bad in refused.items():
+            if bad:
+                raise ApiError(400, f"'{field}' is not supported by this server", field)
+
+    def limit(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self) -> SamplingOptions:
+        try:
+            return SamplingOptions(temperature=self.temperature or 0.0, top_p=1.0 if self.top_p is None else self.top_p,
+                                   seed=self.seed)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0])
+            raise ApiError(400, f"'{field}': {err['msg']}", field) from None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def plain(self) -> ChatMessage:
+        """As the protocol's message: text parts joined, ``developer`` read as ``system``."""
+        if isinstance(self.content, list):
+            if any(part.get("type") != "text" for part in self.content):
+                raise ApiError(400, "only text content parts are supported", "messages")
+            text = "".join(str(part.get("text", "")) for part in self.content)
+        else:
+            text = self.content or ""
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(400, "one prompt per request is supported", "prompt")
+        return self.prompt[0]
+
+
+def speculation(result: GenerationResult) -> dict[str, Any]:
+    """The extra field that carries the round figures (apps may ignore it)."""
+    s = result.summary()
+    keys = ("rounds", "draft_tokens", "accepted_draft_tokens", "tokens_per_round", "resumed", "failovers", "seed")
+    return {k: s[k] for k in keys}
+
+
+def usage(prompt_tokens: int, result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": result.committed_tokens,
+            "total_tokens": prompt_tokens + result.committed_tokens}
+
+
+class Reply:
+    """One request's identity and the shapes of its answer, chat or text completion."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat, self.model = chat, model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def complete(self, text: str, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
+        finish = FINISH[result.finish_reason]
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None}
+            return self._envelope("chat.completion", [choice], usage=usage(prompt_tokens, result),
+                                  sled=speculation(result))
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return self._envelope("text_completion", [choice], usage=usage(prompt_tokens, result), sled=speculation(result))
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            return self._envelope("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                             "logprobs": None}])
+        return self._envelope("text_completion", [{"index": 0, "text": text or "", "finish_reason": finish,
+                                                   "logprobs": None}])
+
+    def final_chunk(self, result: GenerationResult, prompt_tokens: int, include_usage: bool) -> list[dict[str, Any]]:
+        last = self.chunk(None, FINISH[result.finish_reason])
+        last["sled"] = speculation(result)
+        out = [last]
+        if include_usage:
+            out.append(self._envelope("chat.completion.chunk" if self.chat else "text_completion", [],
+                                      usage=usage(prompt_tokens, result)))
+        return out
