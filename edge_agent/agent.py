@@ -13,6 +13,7 @@ from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.tli import TliProposer, intersection, shares_vocabulary, target_vocabulary
 from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated
 from shared.sampling import Sampling
+from shared.utf8 import complete_prefix_len
 
 if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
@@ -40,6 +41,7 @@ class GenerationResult:
     resumed: int = 0  # times the session was re-created from its ids
     failovers: int = 0  # times the agent moved to another verifier replica
     prompt_tokens: int = 0  # the prompt's length in target tokens
+    local_fallback: bool = False  # answered by the drafter alone: no verifier was reachable
     seed: int | None = None  # the sampling seed in use (None: greedy)
     # TLI: per drafted position, the drafter's probability mass inside the intersection
     tli_mass_inside: list[float] = field(default_factory=list)
@@ -63,6 +65,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "resumed": self.resumed,
             "failovers": self.failovers,
+            "local_fallback": self.local_fallback,
             "seed": self.seed,
             "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
             if self.tli_mass_inside else None,
@@ -247,3 +250,19 @@ class Agent:
             self.client.delete_session(session)
         result.elapsed_s = time.perf_counter() - t0
         return result
+
+
+def local_generate(drafter: Drafter, prompt: str | None, messages: list[ChatMessage] | None, max_tokens: int,
+                   stop: list[str] | None = None) -> GenerationResult:
+    """The drafter alone, greedy: the opt-in answer when no verifier is reachable. Not the target's
+    output, so the result says so (``local_fallback``) and callers must show it."""
+    t0 = time.perf_counter()
+    drafter.start(prompt, messages)
+    ids = drafter.draft(max_tokens)
+    text = b"".join(drafter.tokenizer.piece(t) for t in ids)
+    cuts = [i for s in stop or [] if (i := text.find(s.encode())) >= 0]
+    finish: FinishReason = "stop" if cuts else ("length" if len(ids) >= max_tokens else "eos")
+    text = text[: min(cuts)] if cuts else text
+    text = text[: complete_prefix_len(text)]
+    return GenerationResult(text=text, ids=[], finish_reason=finish, local_fallback=True,
+                            elapsed_s=time.perf_counter() - t0)

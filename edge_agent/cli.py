@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=None, help="local API port (default 8080)")
     d.add_argument("--concurrency", type=int, default=None, help="generations at once (default 2)")
     d.add_argument("--queue", type=int, default=None, help="requests waiting beyond those; then 429 (default 8)")
+    d.add_argument("--fallback", choices=("none", "local"), default=None,
+                   help="local: when no verifier answers, reply from the drafter alone, marked as such")
     # Unset means: the fleet file's setting, else the built-in default.
     d.set_defaults(drafter=None, timeout=None, deadline=None, max_tokens=256)
 
@@ -79,6 +81,7 @@ def _serve(args: argparse.Namespace) -> None:
         sampling_mode=args.sampling, timeout_s=args.timeout or timeout, deadline_s=args.deadline or deadline,
         concurrency=concurrency,
         queue=args.queue if args.queue is not None else api.queue,
+        local_fallback=args.fallback == "local" or settings.fallback == "local",
     )
     host, port = args.host or api.host, args.port or api.port
     print(f"sled-agent: serving the OpenAI API on http://{host}:{port}/v1 (verifier: {', '.join(servers)})",

@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
-from edge_agent.agent import Agent, GenerationResult, SamplingMode
+from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_generate
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
@@ -38,6 +39,7 @@ class DaemonConfig:
     deadline_s: float = 30.0
     concurrency: int = 2
     queue: int = 8
+    local_fallback: bool = False  # opt-in: answer from the drafter alone, marked, when no verifier answers
 
 
 class Metrics:
@@ -102,13 +104,22 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
 
     def generate(drafter: Drafter | None, req: ChatRequest | CompletionRequest,
                  on_text: Callable[[bytes], None] | None) -> GenerationResult:
-        with VerifierClient(config.servers, timeout_s=config.timeout_s) as client:
+        prompt, messages = (None, [m.plain() for m in req.messages]) if isinstance(req, ChatRequest) else (req.text(), None)
+        limit = req.limit(config.max_tokens)
+        # Sessions spread over the replicas; each fails over to the next one on its own.
+        start = random.randrange(len(config.servers))
+        with VerifierClient(config.servers, timeout_s=config.timeout_s, start=start) as client:
             agent = Agent(client, drafter, config.draft_tokens, sampling_mode=config.sampling_mode,
                           deadline_s=config.deadline_s)
-            if isinstance(req, ChatRequest):
-                return agent.generate(None, [m.plain() for m in req.messages], req.limit(config.max_tokens),
-                                      req.stops(), on_text, req.sampling())
-            return agent.generate(req.text(), None, req.limit(config.max_tokens), req.stops(), on_text, req.sampling())
+            try:
+                return agent.generate(prompt, messages, limit, req.stops(), on_text, req.sampling())
+            except VerifierError:
+                if not (config.local_fallback and drafter is not None):
+                    raise
+        result = local_generate(drafter, prompt, messages, limit, req.stops())
+        if on_text is not None and result.text:
+            on_text(result.text)
+        return result
 
     async def serve(request: Request, endpoint: str, model: type[ChatRequest] | type[CompletionRequest]) -> Response:
         try:
@@ -133,7 +144,9 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
                                kind="server_error") from None
         metrics.record(result)
         metrics.requests.labels(endpoint, "200").inc()
-        return JSONResponse(reply.complete(result.text.decode(errors="replace"), result, result.prompt_tokens))
+        headers = {"x-sled-fallback": "local"} if result.local_fallback else None
+        return JSONResponse(reply.complete(result.text.decode(errors="replace"), result, result.prompt_tokens),
+                            headers=headers)
 
     async def stream(req: ChatRequest | CompletionRequest, reply: Reply, endpoint: str) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()

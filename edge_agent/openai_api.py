@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edge_agent.agent import GenerationResult
 from shared.protocol import ChatMessage, SamplingOptions
 
+SYSTEM = "sled-speculative"  # the target's own output, verified
+LOCAL_FALLBACK = "sled-local-fallback"  # the drafter alone: no verifier was reachable
+
 # OpenAI's finish reasons: the end of generation and a stop string are both "stop".
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: None}
 
@@ -122,10 +125,18 @@ class CompletionRequest(_Request):
         return self.prompt[0]
 
 
+def _mark(answer: dict[str, Any], result: GenerationResult) -> dict[str, Any]:
+    """An answer from the drafter alone says so where clients look: ``system_fingerprint``."""
+    if result.local_fallback:
+        answer["system_fingerprint"] = LOCAL_FALLBACK
+    return answer
+
+
 def speculation(result: GenerationResult) -> dict[str, Any]:
     """The extra field that carries the round figures (apps may ignore it)."""
     s = result.summary()
-    keys = ("rounds", "draft_tokens", "accepted_draft_tokens", "tokens_per_round", "resumed", "failovers", "seed")
+    keys = ("rounds", "draft_tokens", "accepted_draft_tokens", "tokens_per_round", "resumed", "failovers", "seed",
+            "local_fallback")
     return {k: s[k] for k in keys}
 
 
@@ -143,17 +154,21 @@ class Reply:
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": SYSTEM, "choices": choices, **extra}
 
     def complete(self, text: str, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
         finish = FINISH[result.finish_reason]
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                       "logprobs": None}
-            return self._envelope("chat.completion", [choice], usage=usage(prompt_tokens, result),
-                                  sled=speculation(result))
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return self._envelope("text_completion", [choice], usage=usage(prompt_tokens, result), sled=speculation(result))
+            out = self._envelope("chat.completion", [choice], usage=usage(prompt_tokens, result),
+                                 sled=speculation(result))
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            out = self._envelope("text_completion", [choice], usage=usage(prompt_tokens, result),
+                                 sled=speculation(result))
+        return _mark(out, result)
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -166,7 +181,7 @@ class Reply:
                                                    "logprobs": None}])
 
     def final_chunk(self, result: GenerationResult, prompt_tokens: int, include_usage: bool) -> list[dict[str, Any]]:
-        last = self.chunk(None, FINISH[result.finish_reason])
+        last = _mark(self.chunk(None, FINISH[result.finish_reason]), result)
         last["sled"] = speculation(result)
         out = [last]
         if include_usage:

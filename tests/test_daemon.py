@@ -2,36 +2,70 @@
 `sled-agent serve` process on loopback; chat and text completions, streaming and not."""
 from __future__ import annotations
 
+import contextlib
+import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from verifier_server.process import free_port, spawn, stop
+from verifier_server.llama.reference import plain_reference
+from verifier_server.lossless import NEAR_TIE_GAP
+from verifier_server.process import VerifierProcess, free_port, spawn, stop
+
+from conftest import LOSSLESS_REPORT
+from prompts import RAW
 
 TARGET = "qwen2.5-coder-0.5b"
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def running_daemon(*options: str) -> Iterator[str]:
+    """``sled-agent serve`` with ``options`` on a free port; its base URL once healthy."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "edge_agent.cli", "serve", "--drafter", "smollm2-135m", "--threads", "1",
+                  "--port", str(port), *options], None)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the daemon exited"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        stop(proc)
+
+
 @pytest.fixture(scope="module")
 def daemon(verifier):
     server = verifier(TARGET, "--slots", "4", "--ctx-per-slot", "1024")
-    port = free_port()
-    proc = spawn([sys.executable, "-m", "edge_agent.cli", "serve", "--server", server.url, "--drafter", "smollm2-135m",
-                  "--threads", "1", "--port", str(port), "--concurrency", "2", "--queue", "0"], None)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the daemon exited"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url
-    stop(proc)
+    with running_daemon("--server", server.url, "--concurrency", "2", "--queue", "0") as url:
+        yield url
+
+
+def _judge_text(backend, ref, text: str) -> str:
+    """The lossless rule on text (the OpenAI API returns no ids): identical to the reference, or
+    first different inside a token where the reference was at a near-tie."""
+    data = text.encode()
+    if data == ref.text:
+        return "identical"
+    same = next((i for i, (a, b) in enumerate(zip(data, ref.text)) if a != b), min(len(data), len(ref.text)))
+    end = 0
+    for token, gap in zip(ref.ids, ref.gaps):
+        end += len(backend.tokenizer.piece(token))
+        if end > same:
+            return "near_tie" if gap < NEAR_TIE_GAP else "diverged"
+    return "diverged"
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -89,3 +123,47 @@ def test_more_requests_than_the_daemon_takes_get_a_429(daemon):
         time.sleep(0.5)  # both generating: concurrency 2, queue 0
         r = client.post("/completions", json={**body, "stream": False})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+
+
+def test_without_a_verifier_the_daemon_fails_clearly_or_falls_back_visibly():
+    dead = ["--server", "http://127.0.0.1:9", "--deadline", "1", "--concurrency", "1"]
+    messages = [{"role": "user", "content": "Say hello."}]
+    with running_daemon(*dead) as url:
+        with pytest.raises(openai.InternalServerError) as err:
+            _client(url).chat.completions.create(model=TARGET, messages=messages, max_tokens=8)
+        assert err.value.status_code == 503 and "no verifier answered" in str(err.value)
+    with running_daemon(*dead, "--fallback", "local") as url:
+        raw = _client(url).chat.completions.with_raw_response.create(model=TARGET, messages=messages, max_tokens=8)
+        answer = raw.parse()
+        assert raw.headers["x-sled-fallback"] == "local"
+        assert answer.system_fingerprint == "sled-local-fallback" and answer.choices[0].message.content
+
+
+def test_a_killed_replica_behind_the_daemon_loses_no_request(reference_backend):
+    """Four local requests through the daemon; one of its two verifiers is killed mid-generation."""
+    replicas = [VerifierProcess(TARGET, "--slots", "4", "--ctx-per-slot", "1024", threads=1) for _ in range(2)]
+    prompts = RAW[:4]
+    try:
+        servers = [opt for r in replicas for opt in ("--server", r.url)]
+        with running_daemon(*servers, "--concurrency", "4", "--deadline", "20") as url:
+            client = _client(url)
+
+            def complete(prompt: str) -> str:
+                return client.completions.create(model=TARGET, prompt=prompt, max_tokens=32).choices[0].text
+
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(complete, p) for p in prompts]
+                time.sleep(2.0)  # mid-generation on a 2-core machine
+                replicas[0].proc.send_signal(signal.SIGKILL)
+                texts = [f.result() for f in futures]
+            metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        for r in replicas:
+            r.stop()
+    backend = reference_backend(TARGET)
+    kinds = [_judge_text(backend, plain_reference(backend, backend.tokenizer.prompt_ids(p, None), 32), t)
+             for p, t in zip(prompts, texts)]
+    LOSSLESS_REPORT.append(f"daemon failover (replica killed, 4 local requests): {kinds}")
+    assert "diverged" not in kinds, kinds
+    failovers = float(re.search(r"^sled_agent_failovers_total (\S+)$", metrics, re.M).group(1))
+    assert failovers >= 1, "the replica was killed after every request had finished"
