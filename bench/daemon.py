@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,21 +18,10 @@ from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient
 from edge_agent.drafter import Drafter
 from shared.models import resolve
-from verifier_server.process import VerifierProcess, free_port, spawn, stop
+from verifier_server.process import AgentDaemonProcess, VerifierProcess
 
 PROMPTS = ["def merge_sort(items):\n", "class LRUCache:\n", "import json\n\ndef load(path):\n",
            "def is_prime(n):\n"]
-
-
-def _wait(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise RuntimeError("the daemon did not come up")
 
 
 def main() -> None:
@@ -55,13 +43,9 @@ def main() -> None:
             one_shot = time.perf_counter() - t0
         out["one_shot"] = {"tokens_per_s": round(tokens / one_shot, 2), "rounds": rounds,
                            "s_per_round": round(one_shot / rounds, 5)}
-        port = free_port()
-        daemon = spawn([sys.executable, "-m", "edge_agent.cli", "serve", "--server", verifier.url, "--drafter",
-                        args.drafter, "--threads", "1", "--port", str(port), "--concurrency", "4"], None, (1,))
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait(url)
-            http = httpx.Client(base_url=f"{url}/v1", timeout=600)
+        with AgentDaemonProcess("--server", verifier.url, "--drafter", args.drafter, "--threads", "1",
+                                "--concurrency", "4", cores=(1,)) as daemon:
+            http = httpx.Client(base_url=f"{daemon.url}/v1", timeout=600)
 
             def complete(prompt: str) -> dict:
                 body = {"model": args.target, "prompt": prompt, "max_tokens": args.max_tokens}
@@ -83,8 +67,6 @@ def main() -> None:
             c_tokens = sum(a["usage"]["completion_tokens"] for a in answers)
             out["daemon_four_clients"] = {"tokens_per_s": round(c_tokens / together, 2),
                                           "per_client_tokens_per_s": round(c_tokens / together / 4, 2)}
-        finally:
-            stop(daemon)
     print(json.dumps(out, indent=2))
 
 

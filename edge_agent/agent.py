@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from edge_agent.client import VerifierClient, VerifierError
-from edge_agent.tli import TliProposer, intersection, shares_vocabulary, target_vocabulary
+from edge_agent.tli import TliProposer, tli_map
 from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated
 from shared.sampling import Sampling
 from shared.utf8 import complete_prefix_len
@@ -133,19 +133,14 @@ class Agent:
         self.follow_hint = follow_hint
         self.sampling_mode = sampling_mode
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
-        self._tli_map: np.ndarray | None = None  # drafter id -> target id, built on first use
-        self._tli_auto = False  # whether ``auto`` picks TLI for this pair
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
         """The drafter -> target id map when this session drafts with TLI: a sampled session, and
         ``tli``, or ``auto`` where the drafter's tokens are the target's (where TLI wins)."""
         if self.drafter is None or request.temperature == 0 or self.sampling_mode == "slem":
             return None
-        tok = self.drafter.tokenizer
-        if self._tli_map is None:
-            self._tli_map = intersection(tok, tok.n_vocab, target_vocabulary(self.client))
-            self._tli_auto = shares_vocabulary(self._tli_map, tok)
-        return self._tli_map if self.sampling_mode == "tli" or self._tli_auto else None
+        mapping = tli_map(self.drafter, self.client)
+        return mapping.ids if self.sampling_mode == "tli" or mapping.shares_vocabulary else None
 
     def _open(self, request: SessionCreate, result: GenerationResult) -> SessionCreated:
         """Create the session on the current replica, failing over until one answers or

@@ -6,14 +6,18 @@ import codecs
 import json
 import sys
 from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel
 
-from edge_agent.client import VerifierError
+from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.options import DEFAULT_SERVER, add_agent_args, load_drafter, make_agent, open_client
 from shared.models import ModelError
 from shared.protocol import ChatMessage
 from shared.sampling import add_sampling_args, options_from_args
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--fallback", choices=("none", "local"), default=None,
                    help="local: when no verifier answers, reply from the drafter alone, marked as such")
     # Unset means: the fleet file's setting, else the built-in default.
-    d.set_defaults(drafter=None, timeout=None, deadline=None, max_tokens=256)
+    d.set_defaults(drafter=None, draft_tokens=None, timeout=None, deadline=None, max_tokens=256)
 
     c = sub.add_parser("config", help="check and inspect a fleet file")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -51,42 +55,42 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _overridden(model: M, **flags: Any) -> M:
+    """``model`` with the flags that were given (not None) applied, validated again."""
+    return type(model).model_validate({**model.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from edge_agent.client import VerifierClient
     from edge_agent.daemon import DaemonConfig, create_daemon
     from shared import fleet
-    from shared.fleet import DeviceSettings, LocalApi
 
-    settings, api, servers, timeout, deadline = DeviceSettings(), LocalApi(), [DEFAULT_SERVER], 60.0, 30.0
+    verifier, settings = fleet.Verifier(urls=[DEFAULT_SERVER]), fleet.DeviceSettings()
     if args.config is not None:
         if not args.device:
             raise ValueError("--config needs --device (this device's id in the fleet file)")
         device = fleet.effective(fleet.load(args.config), args.device)
-        settings, api = device.settings, device.settings.api
-        servers, timeout, deadline = device.verifier.urls, device.verifier.timeout_s, device.verifier.retry.deadline_s
-    servers = args.server or servers
-    options = argparse.Namespace(**{**vars(args), "drafter": args.drafter or settings.drafter,
-                                    "threads": args.threads or settings.threads})
-    concurrency = args.concurrency or api.concurrency
-    drafters = [load_drafter(options) for _ in range(concurrency)]
+        verifier, settings = device.verifier, device.settings
+    # Flags given on the command line win over the fleet file.
+    verifier = _overridden(verifier, urls=args.server, timeout_s=args.timeout,
+                           retry=_overridden(verifier.retry, deadline_s=args.deadline))
+    settings = _overridden(settings, drafter=args.drafter, threads=args.threads, max_draft_tokens=args.draft_tokens,
+                           fallback=args.fallback, api=_overridden(settings.api, host=args.host, port=args.port,
+                                                                   concurrency=args.concurrency, queue=args.queue))
+    drafters = [load_drafter(settings.drafter, settings.threads, settings.context, settings.gpu_layers)
+                for _ in range(settings.api.concurrency)]
     try:
-        with VerifierClient(servers, timeout_s=5, retries=0) as client:
+        with VerifierClient(verifier.urls, timeout_s=5, retries=0) as client:
             model = client.info().model
     except VerifierError:
         model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
-    config = DaemonConfig(
-        servers=servers, model_name=model, max_tokens=args.max_tokens, draft_tokens=settings.max_draft_tokens,
-        sampling_mode=args.sampling, timeout_s=args.timeout or timeout, deadline_s=args.deadline or deadline,
-        concurrency=concurrency,
-        queue=args.queue if args.queue is not None else api.queue,
-        local_fallback=args.fallback == "local" or settings.fallback == "local",
-    )
-    host, port = args.host or api.host, args.port or api.port
-    print(f"sled-agent: serving the OpenAI API on http://{host}:{port}/v1 (verifier: {', '.join(servers)})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_daemon(config, drafters), host=host, port=port, log_level="warning")
+    config = DaemonConfig(verifier, settings, model, max_tokens=args.max_tokens, sampling_mode=args.sampling,
+                          follow_hint=not args.fixed_draft)
+    api = settings.api
+    print(f"sled-agent: serving the OpenAI API on http://{api.host}:{api.port}/v1 "
+          f"(verifier: {', '.join(verifier.urls)})", file=sys.stderr, flush=True)
+    uvicorn.run(create_daemon(config, drafters), host=api.host, port=api.port, log_level="warning")
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -105,7 +109,7 @@ def _config(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     options = options_from_args(args)  # bad options fail before the drafter loads
-    drafter = load_drafter(args)
+    drafter = load_drafter(args.drafter, args.threads)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
     prompt = None if args.chat else args.prompt
     # Answers are whole UTF-8, but a decoder that carries a split character over is safe whatever

@@ -26,20 +26,17 @@ from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_genera
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
+from shared.fleet import DeviceSettings, Verifier
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    servers: list[str]
+    verifier: Verifier  # replicas, timeout, retry policy (the fleet file's section)
+    settings: DeviceSettings  # draft length, local API concurrency and queue, fallback
     model_name: str  # what /v1/models reports: the verifier's target
     max_tokens: int = 256  # when a request names no limit
-    draft_tokens: int = 10
     sampling_mode: SamplingMode = "auto"
-    timeout_s: float = 60.0
-    deadline_s: float = 30.0
-    concurrency: int = 2
-    queue: int = 8
-    local_fallback: bool = False  # opt-in: answer from the drafter alone, marked, when no verifier answers
+    follow_hint: bool = True
 
 
 class Metrics:
@@ -73,18 +70,20 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
     """The app; ``drafters`` holds one drafter per concurrent generation (or None: no drafting)."""
     app = FastAPI(title="sled agent")
     metrics = Metrics()
+    api, retry = config.settings.api, config.verifier.retry
     pool: asyncio.Queue[Drafter | None] = asyncio.Queue()
-    for d in drafters[: config.concurrency]:
+    for d in drafters[: api.concurrency]:
         pool.put_nowait(d)
     waiting = 0
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
+        metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
     def refuse_when_full() -> None:
-        if pool.empty() and waiting >= config.queue:
-            raise ApiError(429, f"{config.concurrency} generations running and {waiting} waiting: retry later",
+        if pool.empty() and waiting >= api.queue:
+            raise ApiError(429, f"{api.concurrency} generations running and {waiting} waiting: retry later",
                            kind="rate_limit_exceeded")
 
     @contextlib.asynccontextmanager
@@ -107,27 +106,30 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
         prompt, messages = (None, [m.plain() for m in req.messages]) if isinstance(req, ChatRequest) else (req.text(), None)
         limit = req.limit(config.max_tokens)
         # Sessions spread over the replicas; each fails over to the next one on its own.
-        start = random.randrange(len(config.servers))
-        with VerifierClient(config.servers, timeout_s=config.timeout_s, start=start) as client:
-            agent = Agent(client, drafter, config.draft_tokens, sampling_mode=config.sampling_mode,
-                          deadline_s=config.deadline_s)
+        urls = config.verifier.urls
+        with VerifierClient(urls, timeout_s=config.verifier.timeout_s, retries=retry.attempts, backoff_s=retry.backoff_s,
+                            max_backoff_s=retry.max_backoff_s, start=random.randrange(len(urls))) as client:
+            agent = Agent(client, drafter, config.settings.max_draft_tokens, follow_hint=config.follow_hint,
+                          sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s)
             try:
                 return agent.generate(prompt, messages, limit, req.stops(), on_text, req.sampling())
             except VerifierError:
-                if not (config.local_fallback and drafter is not None):
+                if not (config.settings.fallback == "local" and drafter is not None):
                     raise
         result = local_generate(drafter, prompt, messages, limit, req.stops())
         if on_text is not None and result.text:
             on_text(result.text)
         return result
 
-    async def serve(request: Request, endpoint: str, model: type[ChatRequest] | type[CompletionRequest]) -> Response:
+    async def serve(request: Request, model: type[ChatRequest] | type[CompletionRequest]) -> Response:
+        """Every request is counted once by status: refusals by the ApiError handler, answers here
+        or, for a stream, when it ends."""
+        endpoint = request.url.path
         try:
             req = model.model_validate_json(await request.body())
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or None
-            metrics.requests.labels(endpoint, "400").inc()
             raise ApiError(400, f"{field or 'body'}: {err['msg']}", field) from None
         req.check_supported()
         req.sampling()  # a bad sampling value is a 400 before anything starts
@@ -139,9 +141,7 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
             try:
                 result = await asyncio.to_thread(generate, drafter, req, None)
             except VerifierError as e:
-                metrics.requests.labels(endpoint, "503").inc()
-                raise ApiError(503 if e.status in (0, 404) or e.status >= 500 else e.status, str(e),
-                               kind="server_error") from None
+                raise ApiError.from_verifier(e) from None
         metrics.record(result)
         metrics.requests.labels(endpoint, "200").inc()
         headers = {"x-sled-fallback": "local"} if result.local_fallback else None
@@ -165,11 +165,10 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
                     if text := decoder.decode(piece):
                         yield _sse(reply.chunk(text))
                 result = await work
-        except ApiError as e:
-            yield _sse(e.body())
-        except VerifierError as e:
-            metrics.requests.labels(endpoint, "503").inc()
-            yield _sse(ApiError(503, str(e), kind="server_error").body())
+        except (ApiError, VerifierError) as e:  # the status line has gone: the error is a chunk
+            error = e if isinstance(e, ApiError) else ApiError.from_verifier(e)
+            metrics.requests.labels(endpoint, str(error.status)).inc()
+            yield _sse(error.body())
         else:
             metrics.record(result)
             metrics.requests.labels(endpoint, "200").inc()
@@ -179,11 +178,11 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await serve(request, "chat", ChatRequest)
+        return await serve(request, ChatRequest)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await serve(request, "completions", CompletionRequest)
+        return await serve(request, CompletionRequest)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -191,7 +190,7 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "generating": config.concurrency - pool.qsize(), "waiting": waiting}
+        return {"status": "ok", "generating": api.concurrency - pool.qsize(), "waiting": waiting}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

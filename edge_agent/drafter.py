@@ -20,12 +20,14 @@ from shared.utf8 import common_prefix_len
 
 
 class Drafter:
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
         quiet_llama_logs()
+        self.model_path = Path(model_path)
         self.llm = llama_cpp.Llama(
             model_path=str(model_path),
             n_ctx=n_ctx,
             n_threads=n_threads or os.cpu_count(),
+            n_gpu_layers=n_gpu_layers,
             verbose=False,
         )
         self.tokenizer = LlamaTokenizer(self.llm.model)

@@ -30,6 +30,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
+    @classmethod
+    def from_verifier(cls, e: Exception) -> ApiError:
+        """A verifier's refusal keeps its 4xx; an unreachable or failing verifier is a 503."""
+        status = getattr(e, "status", 0)
+        if status == 0 or status == 404 or status >= 500:
+            return cls(503, str(e), kind="server_error")
+        return cls(status, str(e))
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 

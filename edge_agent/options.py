@@ -32,12 +32,14 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra round-trip time")
 
 
-def load_drafter(args: argparse.Namespace) -> Drafter | None:
-    """The drafter the options name (None for plain decoding). Imports llama.cpp only now, so that
+def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers: int = 0) -> Drafter | None:
+    """The drafter named (None for 'none': plain decoding). Imports llama.cpp only now, so that
     bad options fail fast."""
     from edge_agent.drafter import Drafter
 
-    return None if args.drafter == "none" else Drafter(resolve(args.drafter), n_threads=args.threads)
+    if name == "none":
+        return None
+    return Drafter(resolve(name), n_ctx=context, n_threads=threads, n_gpu_layers=gpu_layers)
 
 
 def open_client(args: argparse.Namespace) -> VerifierClient:

@@ -10,7 +10,9 @@ nothing outside the intersection is ever mapped to a placeholder.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgpack
 import numpy as np
@@ -20,13 +22,16 @@ from shared.alignment import Tokenizer
 from shared.protocol import Proposal, Vocabulary
 from shared.sampling import Sampling, distribution
 
+if TYPE_CHECKING:
+    from edge_agent.drafter import Drafter
+
 # q' keeps the drafter's most likely tokens in the intersection up to this share of their mass
 # (renormalised), and at most PROPOSAL_MAX_IDS of them: a small round body that costs little
 # acceptance (a truncation to mass m accepts at most m of what the full q' would).
 PROPOSAL_MASS = 0.995
+PROPOSAL_MAX_IDS = 512
 # Share of the drafter's text tokens that must be target tokens for ``auto`` to choose TLI.
 SHARED_VOCABULARY = 0.99
-PROPOSAL_MAX_IDS = 512
 
 
 def vocab_cache_dir() -> Path:
@@ -35,9 +40,31 @@ def vocab_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "sled" / "vocab"
 
 
-def target_vocabulary(client: VerifierClient) -> list[bytes]:
+class TliMap(NamedTuple):
+    ids: np.ndarray  # drafter id -> target id with exactly its bytes, or -1
+    shares_vocabulary: bool  # where ``auto`` picks TLI (see ``shares_vocabulary``)
+
+
+_maps: dict[tuple[Path, str], TliMap] = {}
+_maps_lock = threading.Lock()
+
+
+def tli_map(drafter: Drafter, client: VerifierClient) -> TliMap:
+    """The map of this drafter onto the client's target, built once per process for each pair
+    (a daemon serves many generations with the same pair; building it reads ~200k pieces)."""
+    vocab_hash = client.info().vocab_hash
+    key = (drafter.model_path, vocab_hash)
+    with _maps_lock:
+        if key not in _maps:
+            tok = drafter.tokenizer
+            ids = intersection(tok, tok.n_vocab, target_vocabulary(client, vocab_hash))
+            _maps[key] = TliMap(ids, shares_vocabulary(ids, tok))
+        return _maps[key]
+
+
+def target_vocabulary(client: VerifierClient, vocab_hash: str) -> list[bytes]:
     """The verifier's pieces, from the disk cache when its hash is known there."""
-    path = vocab_cache_dir() / f"{client.info().vocab_hash}.msgpack"
+    path = vocab_cache_dir() / f"{vocab_hash}.msgpack"
     if path.exists():
         return msgpack.unpackb(path.read_bytes())
     vocab: Vocabulary = client.vocabulary()

@@ -11,20 +11,12 @@ import pytest
 from shared.sampling import Sampling, choose, distribution, draw, gumbel_noise, support
 
 from conftest import LOSSLESS_REPORT
+from stats import chi_square
 
 LOGITS = np.log(np.array([0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02])).astype(np.float32)
 TRIALS = 200_000
 # chi-square critical value for 7 degrees of freedom at significance 0.001
 CHI2_7_AT_0001 = 24.322
-
-
-def chi_square(counts: Counter, ids: np.ndarray, probs: np.ndarray, n: int) -> tuple[float, float]:
-    """Pearson's statistic of observed draws against ``probs``, and its p-value (Wilson-Hilferty)."""
-    stat = sum((counts.get(int(t), 0) - n * p) ** 2 / (n * p) for t, p in zip(ids, probs))
-    stat += sum(c for t, c in counts.items() if t not in set(ids.tolist())) * 1e9  # outside support
-    k = len(ids) - 1
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return stat, 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def test_processing_follows_llama_cpps_chain():
@@ -57,8 +49,8 @@ def test_greedy_draws_the_argmax_with_its_top2_gap():
 def test_draws_follow_the_processed_distribution(sampling):
     ids, probs = distribution(LOGITS, sampling)
     counts = Counter(choose(LOGITS, sampling, 7, pos) for pos in range(TRIALS))
-    stat, p = chi_square(counts, ids, probs, TRIALS)
-    LOSSLESS_REPORT.append(f"sampler {sampling}: chi-square {stat:.2f} over {len(ids) - 1} dof, p = {p:.3f}")
+    stat, dof, p = chi_square(counts, dict(zip(ids.tolist(), probs)), TRIALS)
+    LOSSLESS_REPORT.append(f"sampler {sampling}: chi-square {stat:.2f} over {dof} dof, p = {p:.3f}")
     assert p > 0.001, (stat, p)
 
 
@@ -67,7 +59,7 @@ def test_the_chi_square_check_rejects_a_biased_sampler():
     asked, used = Sampling(0.7), Sampling(1.0)
     ids, probs = distribution(LOGITS, asked)
     counts = Counter(choose(LOGITS, used, 7, pos) for pos in range(TRIALS))
-    stat, p = chi_square(counts, ids, probs, TRIALS)
+    stat, _, p = chi_square(counts, dict(zip(ids.tolist(), probs)), TRIALS)
     LOSSLESS_REPORT.append(f"biased sampler (T=1 for 0.7): chi-square {stat:.1f}, p = {p:.2g} (rejected)")
     assert stat > CHI2_7_AT_0001
 
@@ -85,12 +77,13 @@ CASES = [
 
 def speculative_outputs(p_full, q_full, trials: int, residual_from_p: bool = False) -> Counter:
     """Draw x ~ q' and apply one rejection step; the output token of each trial."""
-    from verifier_server.acceptance import Proposal, rejection_step
+    from shared.protocol import Proposal
+    from verifier_server.acceptance import rejection_step
 
     p_full, q_full = np.asarray(p_full), np.asarray(q_full)
     p_ids = np.flatnonzero(p_full)
     q_ids = np.flatnonzero(q_full)
-    proposal = Proposal(tuple(q_ids.tolist()), tuple(q_full[q_ids].tolist()))
+    proposal = Proposal(ids=q_ids.tolist(), probs=q_full[q_ids].tolist())
     xs = np.random.default_rng(0).choice(VOCAB, size=trials, p=q_full)
     out: Counter = Counter()
     for t, x in enumerate(xs):
@@ -108,8 +101,8 @@ def speculative_outputs(p_full, q_full, trials: int, residual_from_p: bool = Fal
 def test_speculative_sampling_outputs_follow_the_target(name, p, q):
     counts = speculative_outputs(p, q, TRIALS)
     ids = np.flatnonzero(p)
-    stat, pvalue = chi_square(counts, ids, np.asarray(p)[ids], TRIALS)
-    LOSSLESS_REPORT.append(f"rejection sampler, {name}: chi-square {stat:.2f} over {ids.size - 1} dof, "
+    stat, dof, pvalue = chi_square(counts, dict(zip(ids.tolist(), np.asarray(p)[ids])), TRIALS)
+    LOSSLESS_REPORT.append(f"rejection sampler, {name}: chi-square {stat:.2f} over {dof} dof, "
                            f"p = {pvalue:.3f} ({TRIALS} trials)")
     assert pvalue > 0.001, (stat, pvalue)
 
@@ -118,6 +111,6 @@ def test_the_chi_square_check_rejects_a_wrong_rejection_sampler():
     _, p, q = CASES[0]
     counts = speculative_outputs(p, q, TRIALS, residual_from_p=True)
     ids = np.flatnonzero(p)
-    stat, pvalue = chi_square(counts, ids, np.asarray(p)[ids], TRIALS)
+    stat, _, pvalue = chi_square(counts, dict(zip(ids.tolist(), np.asarray(p)[ids])), TRIALS)
     LOSSLESS_REPORT.append(f"wrong rejection sampler (resamples from p): chi-square {stat:.1f}, p = {pvalue:.2g} (rejected)")
     assert stat > CHI2_7_AT_0001

@@ -5,7 +5,6 @@ distribution is exact: p(t1) from the target's logits after the prompt, p(t2 | t
 observed t1."""
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -17,6 +16,7 @@ from shared.protocol import SamplingOptions
 from verifier_server.llama.forward import ForwardItem
 
 from conftest import LOSSLESS_REPORT
+from stats import chi_square
 
 TARGET = "qwen2.5-coder-0.5b"
 PROMPT = "The best way to learn"
@@ -32,20 +32,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def _next_distribution(backend, ids: list[int]) -> np.ndarray:
     backend.forward([ForwardItem(0, 0, ids[:-1], 0)])
     return _softmax(np.array(backend.forward([ForwardItem(0, len(ids) - 1, ids[-1:], 1)])[0][0]))
-
-
-def _pooled_chi_square(observed: Counter, expected: dict, n: int) -> tuple[float, int, float]:
-    """Pearson's statistic over cells expected >= 5 times (the rest pooled), its degrees of
-    freedom and p-value (Wilson-Hilferty)."""
-    big = [c for c, p in expected.items() if n * p >= 5]
-    rest_p = 1.0 - sum(expected[c] for c in big)
-    stat = sum((observed.get(c, 0) - n * expected[c]) ** 2 / (n * expected[c]) for c in big)
-    rest_o = n - sum(observed.get(c, 0) for c in big)
-    if n * rest_p >= 5:
-        stat += (rest_o - n * rest_p) ** 2 / (n * rest_p)
-    k = len(big) - (0 if n * rest_p >= 5 else 1)
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return stat, k, 0.5 * math.erfc(z / math.sqrt(2))
 
 
 @pytest.mark.parametrize("drafter_name,mode", [("smollm2-135m", "slem"), ("smollm2-135m", "tli")], ids=["slem", "tli"])
@@ -68,8 +54,8 @@ def test_first_two_tokens_follow_the_target_distribution(drafter_name, mode, ver
     firsts: Counter = Counter()
     for (t1, _), count in pairs.items():
         firsts[t1] += count
-    stat1, k1, p1 = _pooled_chi_square(firsts, {int(t): float(first[t]) for t in range(first.size)}, SEEDS)
-    stat2, k2, p2 = _pooled_chi_square(pairs, expected, SEEDS)
+    stat1, k1, p1 = chi_square(firsts, {int(t): float(first[t]) for t in range(first.size)}, SEEDS)
+    stat2, k2, p2 = chi_square(pairs, expected, SEEDS)
     tv = 0.5 * sum(abs(firsts.get(t, 0) / SEEDS - first[t]) for t in set(firsts) | set(np.flatnonzero(first > 1e-3).tolist()))
     LOSSLESS_REPORT.append(
         f"{mode} ({drafter_name} -> {TARGET}, T=1, {SEEDS} seeds): first token chi-square {stat1:.1f} / {k1} dof, "

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from shared.protocol import Proposal
 from shared.sampling import ACCEPT, RESIDUAL, Sampling, choose, distribution, gumbel_noise, uniform
 
 
@@ -81,14 +82,6 @@ class SlemSample:
             if n == len(candidates) or candidates[n] != token:
                 return Acceptance(n, token)
             n += 1
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """The distribution q' a drafter sampled one draft token from, over target ids (sparse)."""
-
-    ids: tuple[int, ...]
-    probs: tuple[float, ...]
 
 
 def rejection_step(p_ids: np.ndarray, p: np.ndarray, q: Proposal, candidate: int,

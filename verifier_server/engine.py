@@ -29,7 +29,7 @@ from shared.protocol import (
 )
 from shared.sampling import Sampling
 from shared.utf8 import common_prefix_len, complete_prefix_len
-from verifier_server.acceptance import GREEDY, AcceptanceRule, Proposal, SlemSample, TliSample
+from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample, TliSample
 from verifier_server.draft_hint import recommend
 from verifier_server.runner import Runner, TargetTokenizer
 from verifier_server.session import Session
@@ -299,8 +299,7 @@ class Engine:
         if pending:
             return [], self._rule(s)
         candidates = req.draft_ids[:room]
-        proposals = tuple(Proposal(tuple(q.ids), tuple(q.probs)) for q in req.proposals[: len(candidates)])
-        return candidates, TliSample(s.sampling, s.seed, len(s.ids), proposals)
+        return candidates, TliSample(s.sampling, s.seed, len(s.ids), tuple(req.proposals[: len(candidates)]))
 
     def _commit(self, s: Session, new_ids: list[int]) -> None:
         """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""

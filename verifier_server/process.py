@@ -1,5 +1,5 @@
-"""``sled-verifier serve`` as a child process on loopback: the one launcher of the tests and the
-benchmark (and of anything else that needs a real verifier next to it)."""
+"""sled's services as child processes on loopback (a verifier, a device daemon): the one launcher of
+the tests and the benchmark."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-V = TypeVar("V", bound="VerifierProcess")
+V = TypeVar("V", bound="ServiceProcess")
 
 
 class LaunchError(RuntimeError):
@@ -47,46 +47,39 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
             proc.wait()
 
 
-class VerifierProcess:
-    """A verifier serving ``model`` with extra ``serve`` options; a context manager that stops it."""
+class ServiceProcess:
+    """A sled service in a child process on loopback (a free port), awaited until its health
+    endpoint answers; a context manager that stops it."""
 
-    def __init__(
-        self,
-        model: str,
-        *options: str,
-        threads: int = 2,
-        cores: tuple[int, ...] | None = None,
-        log: Path | None = None,
-        startup_timeout_s: float = 300.0,
-    ) -> None:
+    module = ""  # the CLI module it runs
+    health_path = ""
+    what = ""  # for messages
+
+    def __init__(self, *args: str, cores: tuple[int, ...] | None = None, log: Path | None = None,
+                 startup_timeout_s: float = 300.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "verifier_server.cli", "serve", "--model", model,
-               "--port", str(self.port), "--threads", str(threads), *options]
-        self.proc = spawn(cmd, log, cores)
+        self.proc = spawn([sys.executable, "-m", self.module, "serve", "--port", str(self.port), *args], log, cores)
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise LaunchError(f"the verifier exited with code {self.proc.returncode}{self._tail()}")
+                raise LaunchError(f"the {self.what} exited with code {self.proc.returncode}{self._tail()}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.health_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
         stop(self.proc)
-        raise LaunchError(f"the verifier was not healthy after {timeout_s:.0f} s{self._tail()}")
+        raise LaunchError(f"the {self.what} was not healthy after {timeout_s:.0f} s{self._tail()}")
 
     def _tail(self, n: int = 2000) -> str:
         if self.log is None or not self.log.exists():
             return ""
         return ":\n" + self.log.read_text(errors="replace")[-n:]
-
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
 
     def stop(self) -> None:
         stop(self.proc)
@@ -96,3 +89,21 @@ class VerifierProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class VerifierProcess(ServiceProcess):
+    """``sled-verifier serve --model MODEL`` with extra ``serve`` options."""
+
+    module, health_path, what = "verifier_server.cli", "/v1/health", "verifier"
+
+    def __init__(self, model: str, *options: str, threads: int = 2, **kw: Any) -> None:
+        super().__init__("--model", model, "--threads", str(threads), *options, **kw)
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
+
+
+class AgentDaemonProcess(ServiceProcess):
+    """``sled-agent serve`` with the given options: a device's OpenAI-compatible API."""
+
+    module, health_path, what = "edge_agent.cli", "/healthz", "agent daemon"
