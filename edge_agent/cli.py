@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from edge_agent.client import VerifierClient, VerifierError
-from edge_agent.options import DEFAULT_SERVER, add_agent_args, load_drafter, make_agent, open_client
+from edge_agent.options import DEFAULT_SERVER, add_agent_args, device_token, load_drafter, make_agent, open_client
 from shared.models import ModelError
 from shared.protocol import ChatMessage
 from shared.sampling import add_sampling_args, options_from_args
@@ -67,11 +67,13 @@ def _serve(args: argparse.Namespace) -> None:
     from shared import fleet
 
     verifier, settings = fleet.Verifier(urls=[DEFAULT_SERVER]), fleet.DeviceSettings()
+    token = device_token(args.token_file)
     if args.config is not None:
         if not args.device:
             raise ValueError("--config needs --device (this device's id in the fleet file)")
         device = fleet.effective(fleet.load(args.config), args.device)
         verifier, settings = device.verifier, device.settings
+        token = device_token(args.token_file) if args.token_file is not None else device.token()
     # Flags given on the command line win over the fleet file.
     verifier = _overridden(verifier, urls=args.server, timeout_s=args.timeout,
                            retry=_overridden(verifier.retry, deadline_s=args.deadline))
@@ -81,12 +83,12 @@ def _serve(args: argparse.Namespace) -> None:
     drafters = [load_drafter(settings.drafter, settings.threads, settings.context, settings.gpu_layers)
                 for _ in range(settings.api.concurrency)]
     try:
-        with VerifierClient(verifier.urls, timeout_s=5, retries=0) as client:
+        with VerifierClient(verifier.urls, timeout_s=5, retries=0, token=token) as client:
             model = client.info().model
     except VerifierError:
         model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
     config = DaemonConfig(verifier, settings, model, max_tokens=args.max_tokens, sampling_mode=args.sampling,
-                          follow_hint=not args.fixed_draft)
+                          follow_hint=not args.fixed_draft, token=token)
     api = settings.api
     print(f"sled-agent: serving the OpenAI API on http://{api.host}:{api.port}/v1 "
           f"(verifier: {', '.join(verifier.urls)})", file=sys.stderr, flush=True)

@@ -42,8 +42,10 @@ class VerifierError(RuntimeError):
         self.code = code
 
 
-# Answers worth retrying on the same replica: it may be restarting or overloaded for a moment.
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# Answers worth retrying on the same replica: it may be restarting or overloaded for a moment,
+# or this device is over its limits (429: after the server's Retry-After).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 30.0
 
 
 class VerifierClient:
@@ -58,6 +60,7 @@ class VerifierClient:
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         start: int = 0,
+        token: str | None = None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
@@ -71,7 +74,8 @@ class VerifierClient:
             httpx.Client(
                 base_url=url + API_PREFIX,
                 timeout=httpx.Timeout(timeout_s, connect=5.0),
-                headers={"content-type": MSGPACK, "accept": MSGPACK},
+                headers={"content-type": MSGPACK, "accept": MSGPACK,
+                         **({"authorization": f"Bearer {token}"} if token else {})},
             )
             for url in self.urls
         ]
@@ -118,9 +122,13 @@ class VerifierClient:
         with contextlib.suppress(httpx.HTTPError):  # best effort: the server expires idle sessions
             self._http.delete(f"/sessions/{session_id}")
 
-    def _backoff(self, attempt: int) -> None:
-        """Exponential backoff with jitter, so that many devices do not retry in lockstep."""
-        time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.5))
+    def _backoff(self, attempt: int, retry_after: str | None = None) -> None:
+        """Exponential backoff with jitter, so that many devices do not retry in lockstep; at
+        least the server's ``Retry-After`` when it gave one."""
+        wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.5)
+        if retry_after is not None and retry_after.isdigit():
+            wait = max(wait, min(float(retry_after), MAX_RETRY_AFTER_S))
+        time.sleep(wait)
 
     def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M:
         content = encode(body, as_msgpack=True) if body is not None else None
@@ -136,7 +144,7 @@ class VerifierClient:
                 continue
             if r.status_code not in RETRY_STATUSES or attempt == self.retries:
                 break
-            self._backoff(attempt)
+            self._backoff(attempt, r.headers.get("retry-after"))
         ctype = r.headers.get("content-type")
         if r.status_code >= 400:
             try:

@@ -37,6 +37,7 @@ class DaemonConfig:
     max_tokens: int = 256  # when a request names no limit
     sampling_mode: SamplingMode = "auto"
     follow_hint: bool = True
+    token: str | None = None  # this device's bearer token for the verifier
 
 
 class Metrics:
@@ -108,7 +109,8 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
         # Sessions spread over the replicas; each fails over to the next one on its own.
         urls = config.verifier.urls
         with VerifierClient(urls, timeout_s=config.verifier.timeout_s, retries=retry.attempts, backoff_s=retry.backoff_s,
-                            max_backoff_s=retry.max_backoff_s, start=random.randrange(len(urls))) as client:
+                            max_backoff_s=retry.max_backoff_s, start=random.randrange(len(urls)),
+                            token=config.token) as client:
             agent = Agent(client, drafter, config.settings.max_draft_tokens, follow_hint=config.follow_hint,
                           sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s)
             try:

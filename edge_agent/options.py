@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent.agent import DEFAULT_DRAFT_TOKENS, Agent
@@ -13,6 +15,7 @@ if TYPE_CHECKING:
 
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+TOKEN_ENV = "SLED_TOKEN"
 
 
 def add_agent_args(ap: argparse.ArgumentParser) -> None:
@@ -30,6 +33,18 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="drafter CPU threads (default: all cores)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     ap.add_argument("--network-delay-ms", type=float, default=0.0, help="emulated extra round-trip time")
+    ap.add_argument("--token-file", type=Path, default=None,
+                    help=f"file holding this device's verifier token (default: ${TOKEN_ENV}, if set)")
+
+
+def device_token(path: Path | None) -> str | None:
+    """This device's bearer token: from ``path``, else the ``SLED_TOKEN`` environment variable."""
+    if path is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"cannot read --token-file {path}: {e.strerror}") from None
 
 
 def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers: int = 0) -> Drafter | None:
@@ -44,7 +59,7 @@ def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers
 
 def open_client(args: argparse.Namespace) -> VerifierClient:
     return VerifierClient(args.server or [DEFAULT_SERVER], timeout_s=args.timeout,
-                          network_delay_s=args.network_delay_ms / 1000)
+                          network_delay_s=args.network_delay_ms / 1000, token=device_token(args.token_file))
 
 
 def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | None) -> Agent:

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh qwen2.5-coder-1.5b smollm2-135m
 . .venv/bin/activate
 PORT=${PORT:-8000}
-sled-verifier serve --model qwen2.5-coder-1.5b --port "$PORT" &
+# --auth none: a lab on loopback (deploy/README.md sets up per-device tokens for a fleet).
+sled-verifier serve --model qwen2.5-coder-1.5b --port "$PORT" --auth none --no-access-log &
 VERIFIER=$!
 trap 'kill $VERIFIER 2>/dev/null || true' EXIT
 python - "$PORT" <<'PY'

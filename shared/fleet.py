@@ -1,14 +1,16 @@
 """The fleet file: one YAML document that describes the verifier tier and every device.
 
 The agent reads it for its own settings (``effective(fleet, device_id)``: its group's settings with
-its overrides applied); the verifier will read the same file for per-device credentials, which is
-why credentials live on devices, and only by reference (``token_env`` or ``token_file``).
+its overrides applied); the verifier reads the same file for per-device credentials (the hash of
+each device's token) and limits. A device's own token is only referenced (``token_env`` or
+``token_file``), never written in the file.
 
 Errors name the file, the line and the field, e.g.
 ``fleet.yaml:14: devices.pi-kitchen.drafter: unknown model 'smolm2' (...)``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,20 @@ class Retry(_Strict):
     deadline_s: float = Field(default=30.0, gt=0)  # no verifier for this long: the request fails
 
 
+class DeviceLimits(_Strict):
+    """What one device may use of a verifier replica; beyond it the device gets a 429 with
+    ``Retry-After`` (the server's global limits, 413 and 503, stay as they are)."""
+
+    sessions: int = Field(default=16, ge=1)  # sessions open at once
+    rounds_per_s: float = Field(default=100.0, ge=0)  # verify rounds per second on average (0: no limit)
+    burst: float = Field(default=200.0, ge=1)  # rounds allowed at once above that rate
+
+
 class Verifier(_Strict):
     urls: list[str] = Field(min_length=1)  # replicas, or one load balancer
     timeout_s: float = Field(default=60.0, gt=0)
     retry: Retry = Field(default_factory=Retry)
+    device_limits: DeviceLimits = Field(default_factory=DeviceLimits)  # enforced by the verifier
 
     @field_validator("urls")
     @classmethod
@@ -84,13 +96,18 @@ class DeviceSettings(_Strict):
 
 
 class Device(BaseModel):
-    """A device: its group, its credential by reference, and any group setting overridden."""
+    """A device: its group, its credential, and any group setting overridden.
+
+    The agent finds its token by reference (``token_env`` or ``token_file``); the verifier holds
+    only its hash (``token_sha256``, printed by ``sled-verifier tokens new --device ID``).
+    """
 
     model_config = ConfigDict(extra="allow")  # the extra keys are overrides, checked on merging
 
     group: str
     token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     token_file: str | None = None
+    token_sha256: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -163,6 +180,20 @@ class EffectiveDevice(_Strict):
     settings: DeviceSettings
     token_env: str | None
     token_file: str | None
+
+    def token(self) -> str | None:
+        """The device's bearer token, read from its environment variable or file (None: none set)."""
+        if self.token_env is not None:
+            value = os.environ.get(self.token_env)
+            if not value:
+                raise FleetError(f"device '{self.device}': the environment variable {self.token_env} is not set")
+            return value.strip()
+        if self.token_file is not None:
+            try:
+                return Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise FleetError(f"device '{self.device}': cannot read token_file {self.token_file}: {e.strerror}") from None
+        return None
 
 
 def effective(fleet: Fleet, device_id: str) -> EffectiveDevice:

@@ -187,7 +187,7 @@ def test_client_reports_an_unreachable_server():
 @pytest.mark.parametrize(
     "cmd",
     [
-        ["verifier_server.cli", "serve", "--model", "no-such-model"],
+        ["verifier_server.cli", "serve", "--auth", "none", "--model", "no-such-model"],
         ["verifier_server.cli", "generate", "--model", "no-such-model", "hi"],
         ["edge_agent.cli", "generate", "--drafter", "no-such-model", "hi"],
     ],

@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.fleet import DeviceLimits
+from shared.fleet import load as load_fleet
 from shared.models import REGISTRY, ModelError, fetch, resolve
 from shared.sampling import add_sampling_args, sampling_from_args
+from verifier_server.auth import DEVICE_ID, Credentials, hash_token, new_token
 from verifier_server.runner import RunnerError
+
+log = logging.getLogger("sled.verifier")
+_REPLICA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 if TYPE_CHECKING:
     from verifier_server.llama.backend import LlamaBackend
@@ -37,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-draft-tokens", type=int, default=16)
     s.add_argument("--token-budget", type=int, default=512, help="tokens per forward pass")
     s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (half a pass, if longer)")
+    a = s.add_argument_group("devices", "who may call, and how much (see deploy/README.md)")
+    a.add_argument("--auth", choices=("token", "none"), default="token",
+                   help="token: per-device bearer tokens from --fleet or --tokens; none: anyone (a lab only)")
+    a.add_argument("--fleet", type=Path, help="fleet file: device token hashes and verifier.device_limits")
+    a.add_argument("--tokens", type=Path, help="tokens file: '<device> sha256:<hex>' lines")
+    a.add_argument("--device-sessions", type=int, default=None, help="sessions one device may hold (default 16)")
+    a.add_argument("--device-rounds-per-s", type=float, default=None,
+                   help="verify rounds per second per device, token bucket (default 100; 0: no limit)")
+    a.add_argument("--device-burst", type=float, default=None, help="rounds a device may send at once (default 200)")
+    o = s.add_argument_group("operations")
+    o.add_argument("--replica-id", default="",
+                   help="this replica's name behind a load balancer: session ids start with it (deploy/nginx)")
+    o.add_argument("--drain-grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let rounds in flight finish before exiting")
+    o.add_argument("--no-access-log", action="store_true", help="no JSON line per request on stderr")
 
     g = sub.add_parser("generate", help="plain greedy decoding with the same backend (the reference)")
     _add_model_args(g)
@@ -45,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("prompt")
+
+    t = sub.add_parser("tokens", help="device credentials")
+    tsub = t.add_subparsers(dest="tokens_command", required=True)
+    tn = tsub.add_parser("new", help="a fresh token for a device, printed once, and the line to store its hash")
+    tn.add_argument("--device", required=True)
 
     m = sub.add_parser("models", help="list or fetch the built-in models")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -60,12 +89,40 @@ def _backend(args: argparse.Namespace, **kw: Any) -> LlamaBackend:
     return LlamaBackend(resolve(args.model), args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **kw)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def _access(args: argparse.Namespace) -> tuple[Credentials, DeviceLimits]:
+    """Credentials and per-device limits from the options, checked before the model loads."""
+    fleet = load_fleet(args.fleet) if args.fleet is not None else None
+    if args.auth == "none":
+        if args.tokens is not None:
+            raise ValueError("--auth none ignores --tokens: give one or the other")
+        credentials = Credentials.none()
+    elif args.tokens is not None:
+        credentials = Credentials.from_tokens_file(args.tokens)
+    elif fleet is not None:
+        credentials = Credentials.from_fleet(fleet, str(args.fleet))
+    else:
+        raise ValueError("device tokens are needed: give --fleet FILE or --tokens FILE "
+                         "(sled-verifier tokens new --device ID), or --auth none for a lab")
+    limits = fleet.verifier.device_limits if fleet is not None else DeviceLimits()
+    flags = {"sessions": args.device_sessions, "rounds_per_s": args.device_rounds_per_s, "burst": args.device_burst}
+    limits = DeviceLimits.model_validate({**limits.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    return credentials, limits
 
+
+def _serve(args: argparse.Namespace) -> None:
     from verifier_server.app import create_app
     from verifier_server.engine import Engine, EngineConfig
     from verifier_server.llama.runner import LlamaRunner
+    from verifier_server.server import serve
+
+    if args.replica_id and not _REPLICA_ID.match(args.replica_id):
+        raise ValueError(f"--replica-id '{args.replica_id}': use letters, digits, '-' and '_' (at most 32)")
+    credentials, limits = _access(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("sled.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
+    if not credentials.enabled:
+        log.warning("WARNING: --auth none: any client that reaches this port may create and drive any session. "
+                    "For a lab only; use --fleet or --tokens in production.")
 
     backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
     runner = LlamaRunner(
@@ -78,13 +135,29 @@ def _serve(args: argparse.Namespace) -> None:
         max_draft_tokens=args.max_draft_tokens,
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
+        device_sessions=limits.sessions,
     )
-    engine = Engine(runner, config)
-    print(f"sled-verifier: {args.model} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    engine = Engine(runner, config, session_prefix=f"{args.replica_id}." if args.replica_id else "")
+    who = f"{len(credentials.devices)} devices" if credentials.enabled else "no authentication"
+    log.warning("sled-verifier: %s on http://%s:%d (%s%s)", args.model, args.host, args.port, who,
+                f", replica '{args.replica_id}'" if args.replica_id else "")
     try:
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
+        serve(create_app(engine, credentials, limits), engine, args.host, args.port, args.drain_grace)
     finally:
         engine.close()
+
+
+def _tokens(args: argparse.Namespace) -> None:
+    if not DEVICE_ID.match(args.device):
+        raise ValueError(f"device id '{args.device}': use letters, digits, '.', '-' and '_'")
+    token = new_token()
+    digest = hash_token(token)
+    print(f"""token for device '{args.device}' (shown once: give it to the device, e.g. in /etc/sled/agent.env):
+  SLED_TOKEN={token}
+store its hash on the verifier, either in the fleet file under devices.{args.device}:
+  token_sha256: {digest}
+or as a line of a tokens file (--tokens):
+  {args.device} {digest}""")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -127,7 +200,7 @@ def _models(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        {"serve": _serve, "generate": _generate, "models": _models}[args.command](args)
+        {"serve": _serve, "generate": _generate, "models": _models, "tokens": _tokens}[args.command](args)
     except (ModelError, RunnerError, ValueError) as e:
         sys.exit(f"sled-verifier: {e}")
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ import asyncio
 import hashlib
 import secrets
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,6 +32,7 @@ from shared.protocol import (
 from shared.sampling import Sampling
 from shared.utf8 import common_prefix_len, complete_prefix_len
 from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample, TliSample
+from verifier_server.auth import ANONYMOUS
 from verifier_server.draft_hint import recommend
 from verifier_server.runner import Runner, TargetTokenizer
 from verifier_server.session import Session
@@ -54,14 +57,16 @@ def _percentiles_ms(seconds: deque[float]) -> dict[str, float]:
 
 
 class EngineError(Exception):
-    """A request the engine refuses; ``status`` is the HTTP status that fits."""
+    """A request the engine refuses; ``status`` is the HTTP status that fits, ``retry_after`` the
+    seconds worth waiting before trying again (when trying again can help)."""
 
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after
 
 
 class NotFound(EngineError):
@@ -80,21 +85,55 @@ class Busy(EngineError):
     status, code = 503, "busy"
 
 
+class Draining(EngineError):
+    status, code = 503, "draining"
+
+
+class LimitExceeded(EngineError):
+    status, code = 429, "rate_limited"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One verify round as the engine saw it (for metrics)."""
+
+    device: str
+    draft_tokens: int  # candidates, in target tokens
+    accepted_tokens: int
+    committed_tokens: int
+    seconds: float  # in the engine, the wait for a pass included
+    replayed: bool = False  # a retry answered from the last response
+
+    @property
+    def outcome(self) -> str:
+        if self.replayed:
+            return "replayed"
+        if self.draft_tokens == 0:
+            return "no_draft"
+        if self.accepted_tokens == self.draft_tokens:
+            return "accepted_all"
+        return "accepted_some" if self.accepted_tokens else "rejected_all"
+
+
 @dataclass
 class EngineConfig:
     max_draft_bytes: int = 4096
     max_draft_tokens: int = 16
     max_sessions: int = 64
     session_ttl_s: float = 600.0
+    device_sessions: int | None = None  # sessions one device may hold at once (None: no limit)
 
 
 class Engine:
-    def __init__(self, runner: Runner, config: EngineConfig | None = None) -> None:
+    def __init__(self, runner: Runner, config: EngineConfig | None = None, session_prefix: str = "") -> None:
         self.runner = runner
         self.config = config or EngineConfig()
         self.sessions: dict[str, Session] = {}
-        # idempotency key -> the request and its creation task (in progress or done)
-        self._created: dict[str, tuple[SessionCreate, asyncio.Future[SessionCreated]]] = {}
+        # (device, idempotency key) -> the request and its creation task (in progress or done)
+        self._created: dict[tuple[str, str], tuple[SessionCreate, asyncio.Future[SessionCreated]]] = {}
+        self.session_prefix = session_prefix  # routes a session id to this replica (a load balancer's map)
+        self.draining = False
+        self.round_listeners: list[Callable[[RoundRecord], None]] = []
         self.committed_tokens = 0
         self.rounds = 0
         # Per round: seconds in the engine and runner outside the model and the wait for a pass.
@@ -128,6 +167,7 @@ class Engine:
         """Counters for monitoring and the benchmark: the engine's, then the runner's."""
         return {
             "sessions": len(self.sessions),
+            "draining": self.draining,
             "rounds": self.rounds,
             "committed_tokens": self.committed_tokens,
             "round_overhead_ms": _percentiles_ms(self.round_overhead_s),
@@ -136,32 +176,40 @@ class Engine:
         }
 
     # --- sessions -----------------------------------------------------------------------------
-    async def create(self, req: SessionCreate) -> SessionCreated:
-        """Open a session. With an idempotency key the creation runs once, as its own task: a
-        repeat (a retry after a read timeout, even while the first is still prefilling) gets the
-        same answer, and a first caller that goes away does not abort it."""
-        key = req.idempotency_key
-        if key is None:
-            return await self._create(req)
+    async def create(self, req: SessionCreate, device: str = ANONYMOUS) -> SessionCreated:
+        """Open a session owned by ``device``. With an idempotency key the creation runs once, as
+        its own task: a repeat by the same device (a retry after a read timeout, even while the
+        first is still prefilling) gets the same answer, and a first caller that goes away does not
+        abort it. Keys are per device: another device's key never reaches its session."""
+        if req.idempotency_key is None:
+            return await self._create(req, device)
+        key = (device, req.idempotency_key)
         if key in self._created:
             first, task = self._created[key]
             if first != req:
-                raise Conflict(f"idempotency key '{key}' was used for a different session request")
+                raise Conflict(f"idempotency key '{req.idempotency_key}' was used for a different session request")
         else:
-            task = asyncio.ensure_future(self._create(req))
+            task = asyncio.ensure_future(self._create(req, device))
             self._created[key] = (req, task)
             task.add_done_callback(partial(self._creation_done, key))
         return await asyncio.shield(task)
 
-    def _creation_done(self, key: str, task: asyncio.Future[SessionCreated]) -> None:
+    def _creation_done(self, key: tuple[str, str], task: asyncio.Future[SessionCreated]) -> None:
         """A failed creation created nothing: forget its key so that a retry tries again."""
         if task.cancelled() or task.exception() is not None:
             self._created.pop(key, None)
 
-    async def _create(self, req: SessionCreate) -> SessionCreated:
+    async def _create(self, req: SessionCreate, device: str) -> SessionCreated:
+        if self.draining:
+            raise Draining("this replica is draining before a restart: open the session on another",
+                           retry_after=1.0)
         self.expire_idle()
         if len(self.sessions) >= self.config.max_sessions:
-            raise Busy(f"the server holds its maximum of {self.config.max_sessions} sessions")
+            raise Busy(f"the server holds its maximum of {self.config.max_sessions} sessions", retry_after=1.0)
+        limit = self.config.device_sessions
+        if limit is not None and sum(1 for x in self.sessions.values() if x.owner == device) >= limit:
+            raise LimitExceeded(f"device '{device}' holds its maximum of {limit} sessions; finish or delete one",
+                                retry_after=1.0)
         tok = self.runner.tokenizer
         try:  # template rendering and tokenization scale with the prompt: off the event loop
             prompt = await asyncio.to_thread(tok.prompt_ids, req.prompt, req.messages)
@@ -180,6 +228,8 @@ class Engine:
             )
         sampling = Sampling.of(req)
         s = Session(
+            id=self.session_prefix + uuid.uuid4().hex,
+            owner=device,
             prompt_len=len(prompt),
             ids=prompt,
             max_tokens=req.max_tokens,
@@ -205,10 +255,21 @@ class Engine:
             seed=None if sampling.greedy else s.seed,
         )
 
-    async def delete(self, session_id: str) -> None:
-        s = self._get(session_id)
+    async def delete(self, session_id: str, device: str = ANONYMOUS) -> None:
+        s = self._get(session_id, device)
         async with s.lock:  # a round in flight finishes first
             self._forget(s)
+
+    def drain(self) -> None:
+        """Stop taking sessions: new ones are refused (503, Retry-After), idle ones are released
+        now and busy ones when their round in flight has answered; their devices then get 404
+        and resume on another replica from their ids."""
+        self.draining = True
+        for s in [s for s in self.sessions.values() if not s.lock.locked()]:
+            self._forget(s)
+
+    def rounds_in_flight(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.lock.locked())
 
     def expire_idle(self) -> None:
         """Free sessions unused for longer than the configured time-to-live."""
@@ -220,12 +281,14 @@ class Engine:
         if self.sessions.pop(s.id, None) is None:
             return
         if s.idempotency_key is not None:
-            self._created.pop(s.idempotency_key, None)
+            self._created.pop((s.owner, s.idempotency_key), None)
         self.runner.release(s.id)
 
-    def _get(self, session_id: str) -> Session:
+    def _get(self, session_id: str, device: str) -> Session:
+        """The session, if ``device`` owns it; another device's session is as unknown as a
+        missing one (the same 404: no existence leak)."""
         s = self.sessions.get(session_id)
-        if s is None:
+        if s is None or s.owner != device:
             raise NotFound(f"unknown session '{session_id}' (expired, deleted, or on another replica)")
         return s
 
@@ -235,46 +298,60 @@ class Engine:
         return sum(1 for x in self.sessions.values() if not x.finished and now - x.last_used < within_s)
 
     # --- rounds -------------------------------------------------------------------------------
-    async def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse:
-        s = self._get(session_id)
-        async with s.lock:
-            if self.sessions.get(session_id) is not s:  # deleted or expired while we waited
-                raise NotFound(f"session '{session_id}' was deleted")
-            t0 = time.perf_counter()
-            s.touch()
-            self.runner.expect_rounds(self._active_sessions(s.last_used))
-            if s.last is not None and req.round == s.round:
-                return s.last  # a retry: same answer, nothing committed twice
-            if req.round != s.round + 1:
-                raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
-            if len(req.draft) > self.config.max_draft_bytes:
-                raise TooLarge(
-                    f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
-                )
-            if s.finished:  # finished at creation (a resumed session that had already ended)
-                return self._respond(s, req, [], 0, 0)
-            draft = req.draft[: complete_prefix_len(req.draft)]
-            # The device's text ends where the last answer did; bytes committed but held back
-            # since (an incomplete character, a possible stop string) must open the draft.
-            pending = bytes(s.text[s.sent :])
-            draft = draft[len(pending) :] if draft.startswith(pending) else b""
-            room = max(min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1), 0)
-            candidates: list[int] = []
-            rule = self._rule(s)
-            if req.draft_ids is not None:
-                candidates, rule = self._tli_round(s, req, room, bool(pending))
-            elif draft and room:
-                ids = list(s.ids)  # a snapshot: the thread must not see the list change
-                candidates = (await asyncio.to_thread(continuation_ids, self.runner.tokenizer, ids, draft))[:room]
-            outcome = await self.runner.verify(s.id, s.ids, candidates, rule)
-            s.history.observe(len(candidates), outcome.accepted)
-            old = len(s.ids)
-            self._commit(s, candidates[: outcome.accepted] + [outcome.token])
-            self.committed_tokens += len(s.ids) - old
-            resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
-            self.round_overhead_s.append(time.perf_counter() - t0 - outcome.queue_s - outcome.model_s)
-            self.round_rule_s.append(outcome.rule_s)
-            return resp
+    async def verify(self, session_id: str, req: VerifyRequest, device: str = ANONYMOUS) -> VerifyResponse:
+        s = self._get(session_id, device)
+        try:
+            async with s.lock:
+                if self.sessions.get(session_id) is not s:  # deleted or expired while we waited
+                    raise NotFound(f"session '{session_id}' was deleted")
+                return await self._round(s, req)
+        finally:
+            if self.draining:  # its round has answered: the device resumes elsewhere
+                self._forget(s)
+
+    async def _round(self, s: Session, req: VerifyRequest) -> VerifyResponse:
+        t0 = time.perf_counter()
+        s.touch()
+        self.runner.expect_rounds(self._active_sessions(s.last_used))
+        if s.last is not None and req.round == s.round:
+            self._record(RoundRecord(s.owner, 0, 0, 0, 0.0, replayed=True))
+            return s.last  # a retry: same answer, nothing committed twice
+        if req.round != s.round + 1:
+            raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
+        if len(req.draft) > self.config.max_draft_bytes:
+            raise TooLarge(
+                f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
+            )
+        if s.finished:  # finished at creation (a resumed session that had already ended)
+            return self._respond(s, req, [], 0, 0)
+        draft = req.draft[: complete_prefix_len(req.draft)]
+        # The device's text ends where the last answer did; bytes committed but held back
+        # since (an incomplete character, a possible stop string) must open the draft.
+        pending = bytes(s.text[s.sent :])
+        draft = draft[len(pending) :] if draft.startswith(pending) else b""
+        room = max(min(self.config.max_draft_tokens, s.max_tokens - s.generated - 1), 0)
+        candidates: list[int] = []
+        rule = self._rule(s)
+        if req.draft_ids is not None:
+            candidates, rule = self._tli_round(s, req, room, bool(pending))
+        elif draft and room:
+            ids = list(s.ids)  # a snapshot: the thread must not see the list change
+            candidates = (await asyncio.to_thread(continuation_ids, self.runner.tokenizer, ids, draft))[:room]
+        outcome = await self.runner.verify(s.id, s.ids, candidates, rule)
+        s.history.observe(len(candidates), outcome.accepted)
+        old = len(s.ids)
+        self._commit(s, candidates[: outcome.accepted] + [outcome.token])
+        self.committed_tokens += len(s.ids) - old
+        resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
+        elapsed = time.perf_counter() - t0
+        self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
+        self.round_rule_s.append(outcome.rule_s)
+        self._record(RoundRecord(s.owner, len(candidates), outcome.accepted, len(resp.ids), elapsed))
+        return resp
+
+    def _record(self, rec: RoundRecord) -> None:
+        for listener in self.round_listeners:
+            listener(rec)
 
     @staticmethod
     def _rule(s: Session) -> AcceptanceRule:

@@ -92,12 +92,14 @@ class ServiceProcess:
 
 
 class VerifierProcess(ServiceProcess):
-    """``sled-verifier serve --model MODEL`` with extra ``serve`` options."""
+    """``sled-verifier serve --model MODEL`` with extra ``serve`` options; ``auth`` says who may
+    call (the default, ``--auth none``, suits a loopback test or benchmark)."""
 
-    module, health_path, what = "verifier_server.cli", "/v1/health", "verifier"
+    module, health_path, what = "verifier_server.cli", "/readyz", "verifier"
 
-    def __init__(self, model: str, *options: str, threads: int = 2, **kw: Any) -> None:
-        super().__init__("--model", model, "--threads", str(threads), *options, **kw)
+    def __init__(self, model: str, *options: str, threads: int = 2,
+                 auth: tuple[str, ...] = ("--auth", "none"), **kw: Any) -> None:
+        super().__init__("--model", model, "--threads", str(threads), *auth, *options, **kw)
 
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/v1/stats", timeout=30).json()

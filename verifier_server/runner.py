@@ -10,14 +10,14 @@ rounds of many sessions into shared passes; a torch runner keeps its own KV layo
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.alignment import Tokenizer
 from shared.protocol import ChatMessage
 from verifier_server.acceptance import AcceptanceRule
-from verifier_server.cost_curve import RoundCost
+from verifier_server.cost_curve import PassRecord, RoundCost
 
 
 class RunnerError(RuntimeError):
@@ -83,7 +83,12 @@ class Runner(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /v1/stats and the benchmark."""
+        """Counters for /v1/stats, /metrics and the benchmark; ``/metrics`` reads these keys when
+        present: ``queued_jobs``, ``parked_sessions``, ``slots_in_use``, ``evictions``, ``rebuilds``."""
+        ...
+
+    def add_pass_listener(self, listener: Callable[[PassRecord], None]) -> None:
+        """Call ``listener`` after every forward pass (from any thread), for metrics."""
         ...
 
     def close(self) -> None: ...

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from shared.protocol import FinishReason, VerifyResponse
 from shared.sampling import GREEDY_SAMPLING, Sampling
 from shared.utf8 import complete_prefix_len
+from verifier_server.auth import ANONYMOUS
 from verifier_server.draft_hint import AcceptanceHistory
 
 
@@ -25,6 +26,7 @@ class Session:
     max_tokens: int
     stop: list[bytes]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str = ANONYMOUS  # the device that created it: the only one that may use it
     idempotency_key: str | None = None
     text: bytearray = field(default_factory=bytearray)  # bytes of the generated ids
     sent: int = 0  # how many bytes of ``text`` were returned to the device

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from shared.utf8 import common_prefix_len
 from verifier_server.acceptance import Acceptance, AcceptanceRule
-from verifier_server.cost_curve import CostCurve, LoadModel, RoundCost
+from verifier_server.cost_curve import CostCurve, LoadModel, PassRecord, RoundCost
 from verifier_server.llama.calibration import measure_cost_curve
 from verifier_server.llama.forward import ForwardBackend
 from verifier_server.llama.scheduler import Done, Scheduler
@@ -60,6 +60,8 @@ class LlamaRunner:
         self.slots = SlotTable(backend.n_slots, on_evict=self._park)
         self._seqs: dict[str, SequenceState] = {}
         self.parked_bytes = 0
+        self.evictions = 0  # sessions that lost their slot to another
+        self.rebuilds = 0  # rounds that re-evaluated a session whose KV state was dropped
 
     # --- the Runner interface -------------------------------------------------------------------
     async def prefill(self, key: str, ids: Sequence[int]) -> None:
@@ -99,7 +101,13 @@ class LlamaRunner:
             "busy_s": st.busy_s,
             "cost_curve_s": self.load.curve.as_dict(),
             "batch_sizes": {str(b): c for b, c in sorted(st.batch_sizes.items())},
+            "queued_jobs": st.queued_jobs,
+            "evictions": self.evictions,
+            "rebuilds": self.rebuilds,
         }
+
+    def add_pass_listener(self, listener: Callable[[PassRecord], None]) -> None:
+        self.scheduler.pass_listeners.append(listener)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -122,6 +130,8 @@ class LlamaRunner:
             self._drop_if_released(seq)  # no job is queued yet: a released session frees now
         if seq.released:
             raise RunnerError(f"session '{key}' was released during its round")
+        if seq.ran and not seq.held:  # its KV state was dropped (evicted unparked, a failed pass)
+            self.rebuilds += 1
         start = min(_held_prefix(seq.held, tokens), len(tokens) - max(n_logits, 1))
         job = self.scheduler.submit(slot, start, tokens[start:], n_logits, reduce)
         seq.held = tokens[:start]  # what lies beyond is known once the job settles
@@ -141,6 +151,7 @@ class LlamaRunner:
             seq.held = []  # the pass failed: the slot's state is unknown, rebuild it
         else:
             seq.held = tokens  # rejected candidates included: the next round's prefix drops them
+            seq.ran = True
         self._drop_if_released(seq)
 
     async def _acquire(self, seq: SequenceState) -> int:
@@ -161,6 +172,7 @@ class LlamaRunner:
         """Save an evicted session's KV state to host memory; queued before the slot's new owner
         writes to it, so the copy is exact. Over the budget, the least recently used parked
         sessions are dropped instead (they are rebuilt from their ids when they return)."""
+        self.evictions += 1
         if not seq.held or seq.released or self.max_parked_bytes <= 0:
             return
         fut = self.scheduler.call(partial(self.backend.save_state, slot))

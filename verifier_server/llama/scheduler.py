@@ -68,6 +68,7 @@ class PassStats:
     positions: int
     busy_s: float
     batch_sizes: dict[int, int]  # tokens in a pass -> passes (replayed by the benchmark)
+    queued_jobs: int  # waiting for a pass now
 
 
 class Scheduler:
@@ -89,6 +90,8 @@ class Scheduler:
         self._recent: deque[PassRecord] = deque(maxlen=RECENT_PASSES)
         self._unread: deque[PassRecord] = deque(maxlen=RECENT_PASSES)  # not yet taken by take_passes
         # ---
+        # Called on the worker thread after every pass (metrics); set before work arrives.
+        self.pass_listeners: list[Callable[[PassRecord], None]] = []
         self._thread = threading.Thread(target=self._loop, name="sled-scheduler", daemon=True)
         self._thread.start()
 
@@ -139,7 +142,8 @@ class Scheduler:
 
     def stats(self) -> PassStats:
         with self._cv:
-            return PassStats(self._forward_passes, self._positions, self._busy_s, dict(self._batch_sizes))
+            return PassStats(self._forward_passes, self._positions, self._busy_s, dict(self._batch_sizes),
+                             len(self._queue))
 
     def take_passes(self) -> list[PassRecord]:
         """Round-only passes finished since the last call (for the cost model)."""
@@ -274,6 +278,8 @@ class Scheduler:
                 record = PassRecord(n, dt, len(done))
                 self._recent.append(record)
                 self._unread.append(record)
+        for listener in self.pass_listeners:
+            listener(PassRecord(n, dt, len(items)))
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any = None,

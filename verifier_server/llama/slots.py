@@ -20,6 +20,7 @@ class SequenceState:
     key: str
     slot: int | None = None
     held: list[int] = field(default_factory=list)
+    ran: bool = False  # a job of it has completed: a later empty ``held`` means its state was lost
     # Parked in host memory after losing its slot: the saved state (pending or done) and the ids it
     # covers. Without it (over the budget) the session is rebuilt from its ids.
     parked: asyncio.Future[bytes] | None = None

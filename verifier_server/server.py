@@ -1,0 +1,62 @@
+"""Running the app under uvicorn, with a drain on SIGTERM.
+
+A rolling restart sends SIGTERM. The replica then drains instead of dropping its connections:
+``/readyz`` turns 503 at once (a load balancer stops sending it new sessions), new sessions get
+503 with ``Retry-After`` (nginx passes session creation on to another replica), idle sessions are
+released, and each busy one once its round in flight has answered; its device gets 404 on the
+next round and resumes the session elsewhere from its ids (exact: nothing lost or repeated). The
+process exits when no round is in flight, or after the grace period at the latest. A second
+SIGTERM, or SIGINT, stops at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from verifier_server.engine import Engine
+
+log = logging.getLogger("sled.verifier")
+POLL_S = 0.05
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+        self._drain: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.engine.draining:
+            super().handle_exit(sig, frame)
+            return
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        t0 = time.monotonic()
+        sessions = len(self.engine.sessions)
+        self.engine.drain()
+        log.warning("SIGTERM: draining (%d sessions; grace %.0f s)", sessions, self.grace_s)
+        while self.engine.rounds_in_flight() and time.monotonic() - t0 < self.grace_s:
+            await asyncio.sleep(POLL_S)
+        left = self.engine.rounds_in_flight()
+        log.warning("drained in %.2f s%s; exiting", time.monotonic() - t0,
+                    f" ({left} rounds still in flight at the grace period's end)" if left else "")
+        self.should_exit = True
+
+
+def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_grace_s: float) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=max(math.ceil(drain_grace_s), 1))
+    DrainingServer(config, engine, drain_grace_s).run()
