@@ -56,8 +56,8 @@ class ServiceProcess:
     what = ""  # for messages
 
     def __init__(self, *args: str, cores: tuple[int, ...] | None = None, log: Path | None = None,
-                 startup_timeout_s: float = 300.0) -> None:
-        self.port = free_port()
+                 startup_timeout_s: float = 300.0, port: int | None = None) -> None:
+        self.port = port or free_port()  # a given port: a restart where a load balancer expects it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = spawn([sys.executable, "-m", self.module, "serve", "--port", str(self.port), *args], log, cores)

