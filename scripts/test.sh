@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent), fetch the test models, run every test.
+# The README's test command: set up (idempotent), fetch the test models, install nginx when
+# missing, run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh qwen2.5-coder-0.5b smollm2-135m gemma-3-270m
+scripts/install-nginx.sh  # the load-balancer tests run real nginx (Debian's nginx-light)
 . .venv/bin/activate
 set +e
 python -m pytest "$@"
