@@ -4,7 +4,8 @@ For every pair (drafter->target), N and mode it starts a fresh verifier and N de
 releases the devices together, and reports the verifier's CPU seconds, forward passes and positions
 per committed token, throughput, round latency and the lossless check of every output; then the
 capacity ratio (plain over speculative cost per token) and a GPU-modeled one. The default is a
-quick run (about 10 minutes on two cores); ``--full`` runs the whole grid.
+quick run (about 10 minutes on two cores); ``--full`` runs the whole grid. ``sled-bench soak``
+runs hundreds of simulated devices against one verifier for a long time (bench/soak.py).
 """
 from __future__ import annotations
 
@@ -170,8 +171,12 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
     try:
+        if argv[:1] == ["soak"]:  # the long-running fleet test (bench/soak.py)
+            from bench.soak import main as soak
+
+            return soak(argv[1:])
+        args = _parser().parse_args(argv)
         sys.exit(_bench(args, argv))
     except (ModelError, BenchError, LaunchError) as e:
         sys.exit(f"sled-bench: {e}")
