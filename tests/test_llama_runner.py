@@ -194,3 +194,30 @@ def test_releasing_a_session_with_a_round_in_flight_frees_everything_after_the_p
     stats = runner.stats()
     runner.close()
     assert held_during == 1 and stats["slots_in_use"] == 0 and stats["parked_bytes"] == 0
+
+
+def test_sessions_waiting_for_a_slot_are_served_in_arrival_order():
+    """One slot, its owner mid-round: sessions that then ask for it get it first come, first
+    served, and a newcomer that arrives as the slot frees waits behind them (no starvation)."""
+    backend = FakeBackend(n_slots=1)
+    runner = runner_for(backend)
+    order: list[str] = []
+
+    async def round_of(key: str) -> None:
+        await runner.verify(key, [3, 4, 5], [], GREEDY)
+        order.append(key)
+
+    async def main():
+        backend.gate.clear()
+        first = asyncio.create_task(round_of("owner"))  # takes the slot, stuck in its pass
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(round_of(k)) for k in ("b", "c")]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await first
+        late = asyncio.create_task(round_of("late"))  # arrives while b and c still wait their turn
+        await asyncio.gather(*waiting, late)
+
+    asyncio.run(main())
+    runner.close()
+    assert order == ["owner", "b", "c", "late"]

@@ -187,3 +187,17 @@ def test_the_dashboard_queries_only_the_verifiers_metrics() -> None:
             assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
     unused = (COUNTERS | GAUGES | HISTOGRAMS) - used - {n.rsplit("_", 1)[0] for n in used & HISTOGRAM_SERIES}
     assert not unused, f"metrics with no panel: {sorted(unused)}"
+
+
+
+def test_the_verifier_exports_every_metric_of_the_contract() -> None:
+    """The contract above is what ``verifier_server.metrics`` really exposes, so the dashboard
+    cannot drift from the code."""
+    from verifier_server.metrics import Metrics
+
+    exposed = Metrics(lambda: {}).exposition().decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposed, re.M))
+    counters = {n if n.endswith("_total") else f"{n}_total" for n, t in types.items() if t == "counter"}
+    assert COUNTERS <= counters, COUNTERS - counters
+    assert HISTOGRAMS <= {n for n, t in types.items() if t == "histogram"}
+    assert GAUGES <= {n for n, t in types.items() if t == "gauge"}

@@ -246,3 +246,37 @@ def test_a_replica_id_prefixes_session_ids(tmp_path):
         assert re.fullmatch(r"east-1\.[0-9a-f]{32}", sid)
     with pytest.raises(LaunchError, match="--replica-id"):
         VerifierProcess(TARGET, "--replica-id", "a.b", log=tmp_path / "bad.log", startup_timeout_s=60)
+
+
+def test_one_fleet_file_serves_the_verifier_and_the_device(tmp_path, monkeypatch):
+    """The verifier admits devices by the hashes in the fleet file; the device daemon reads its own
+    token from the variable its entry names, in the same file, and its local apps get answers."""
+    from verifier_server.process import AgentDaemonProcess, free_port
+
+    token = new_token()
+    port = free_port()
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"""version: 1
+verifier:
+  urls: [http://127.0.0.1:{port}]
+  device_limits: {{sessions: 4, rounds_per_s: 50, burst: 100}}
+groups:
+  pi: {{drafter: smollm2-135m, threads: 1}}
+devices:
+  pi-kitchen: {{group: pi, token_env: SLED_TEST_TOKEN, token_sha256: "{hash_token(token)}"}}
+  pi-office: {{group: pi, token_env: SLED_TEST_TOKEN}}
+""")
+    monkeypatch.setenv("SLED_TEST_TOKEN", token)  # the daemon, a child process, inherits it
+    with VerifierProcess(TARGET, "--slots", "1", "--ctx-per-slot", "512", auth=("--fleet", str(fleet_file)),
+                         port=port, startup_timeout_s=120), \
+            AgentDaemonProcess("--config", str(fleet_file), "--device", "pi-kitchen", startup_timeout_s=120) as daemon:
+        answer = httpx.post(f"{daemon.url}/v1/completions", timeout=120,
+                            json={"model": TARGET, "prompt": "def add(a, b):", "max_tokens": 6}).json()
+        assert answer["usage"]["completion_tokens"] == 6 and answer["system_fingerprint"] != "sled-local-fallback"
+    monkeypatch.setenv("SLED_TEST_TOKEN", "sled_not_the_token")
+    with VerifierProcess(TARGET, "--slots", "1", "--ctx-per-slot", "512", auth=("--fleet", str(fleet_file)),
+                         port=port, startup_timeout_s=120), \
+            AgentDaemonProcess("--config", str(fleet_file), "--device", "pi-kitchen", startup_timeout_s=120) as daemon:
+        refused = httpx.post(f"{daemon.url}/v1/completions", timeout=120,
+                             json={"model": TARGET, "prompt": "def add(a, b):", "max_tokens": 6})
+        assert refused.status_code >= 400 and "device token" in refused.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -27,7 +28,6 @@ from verifier_server.llama.slots import SequenceState, SlotTable
 from verifier_server.runner import RoundOutcome, RunnerError
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32)
-SLOT_POLL_S = 0.005  # every slot is mid-round: one frees within a forward pass
 
 
 def _held_prefix(held: list[int], tokens: list[int]) -> int:
@@ -58,6 +58,9 @@ class LlamaRunner:
         self.load = LoadModel(CostCurve(measure_cost_curve(backend, calibration_sizes)))
         self.scheduler = Scheduler(backend, token_budget, wait_window_s)
         self.slots = SlotTable(backend.n_slots, on_evict=self._park)
+        # Sessions waiting for a slot while every slot is mid-round: served first come, first
+        # served, so that none starves behind newcomers when sessions outnumber slots.
+        self._slot_waiters: deque[tuple[SequenceState, asyncio.Future[int]]] = deque()
         self._seqs: dict[str, SequenceState] = {}
         self.parked_bytes = 0
         self.evictions = 0  # sessions that lost their slot to another
@@ -153,11 +156,16 @@ class LlamaRunner:
             seq.held = tokens  # rejected candidates included: the next round's prefix drops them
             seq.ran = True
         self._drop_if_released(seq)
+        self._grant_slots()  # its slot may be given to a waiting session now
 
     async def _acquire(self, seq: SequenceState) -> int:
         """A slot for ``seq``, its parked state restored into it if it has one."""
-        while (slot := self.slots.acquire(seq)) is None:
-            await asyncio.sleep(SLOT_POLL_S)
+        slot = self.slots.acquire(seq) if seq.slot is not None or not self._slot_waiters else None
+        if slot is None:  # every slot is mid-round, or others wait already: wait in line
+            turn = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append((seq, turn))
+            self._grant_slots()
+            slot = await turn  # a cancelled wait cancels ``turn``: the line skips it
         if seq.parked is not None:
             held = seq.parked_held
             await asyncio.wait([seq.parked])
@@ -206,3 +214,17 @@ class LlamaRunner:
         if seq.released and not seq.busy:
             self.slots.release(seq)
             self._unpark(seq)
+            self._grant_slots()
+
+    def _grant_slots(self) -> None:
+        """Give slots to waiting sessions in arrival order, while any slot can be had."""
+        while self._slot_waiters:
+            seq, turn = self._slot_waiters[0]
+            if turn.done():  # its round was cancelled
+                self._slot_waiters.popleft()
+                continue
+            slot = self.slots.acquire(seq)
+            if slot is None:
+                return
+            self._slot_waiters.popleft()
+            turn.set_result(slot)
