@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--think-ms", type=float, default=50.0, help="a device's drafting time between rounds")
     ap.add_argument("--prompts", type=int, default=8, help="workload prompts recorded")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--slots", type=int, default=16)
-    ap.add_argument("--parked-mb", type=int, default=256)
+    ap.add_argument("--slots", type=int, default=64, help="the verifier's KV slots (sessions verified at once)")
+    ap.add_argument("--parked-mb", type=int, default=512, help="host memory for parked sessions")
     ap.add_argument("--json", type=Path, help="write the report to this file")
     args = ap.parse_args(argv)
     report = soak(args.devices, args.minutes * 60, args.target, args.drafter, args.think_ms, args.prompts,
