@@ -1,22 +1,27 @@
 """The agent's generation loop: draft, send bytes, take the committed span, repeat."""
 from __future__ import annotations
 
+import operator
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.controller import DraftController
 from edge_agent.tli import TliProposer, tli_map
-from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated
+from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated, VerifyResponse
 from shared.sampling import Sampling
 from shared.utf8 import complete_prefix_len
 
 if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
+    from edge_agent.drafting import Draft, DraftSource
 
 # How a sampled session drafts: token-level intersection (samples from q', sent along) or plain
 # drafts verified by SLEM-sampling; auto picks TLI where the drafter's tokens are the target's
@@ -45,6 +50,11 @@ class GenerationResult:
     seed: int | None = None  # the sampling seed in use (None: greedy)
     # TLI: per drafted position, the drafter's probability mass inside the intersection
     tli_mass_inside: list[float] = field(default_factory=list)
+    ahead_drafted: int = 0  # pipelined drafting: tokens drafted while rounds were in flight
+    ahead_used: int = 0  # of those, tokens that opened the next round's draft
+    ahead_rounds: int = 0  # rounds whose draft opened with such tokens
+    sources: dict[str, int] = field(default_factory=dict)  # rounds opened by each draft source
+    decisions: list[dict] = field(default_factory=list)  # the draft controller's, round by round
 
     @property
     def committed_tokens(self) -> int:
@@ -69,6 +79,8 @@ class GenerationResult:
             "seed": self.seed,
             "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
             if self.tli_mass_inside else None,
+            "lookahead": {"drafted": self.ahead_drafted, "used": self.ahead_used, "rounds": self.ahead_rounds},
+            "sources": self.sources,
         }
 
 
@@ -117,29 +129,49 @@ def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
     return n
 
 
+def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:
+    """A GGUF drafter is drafted through ``ModelSource``; other sources are taken as they are."""
+    from edge_agent.drafter import Drafter
+    from edge_agent.drafting import ModelSource
+
+    return ModelSource(drafter) if isinstance(drafter, Drafter) else drafter
+
+
 class Agent:
+    """Generates through the verifier. ``adaptive`` sizes each draft with a ``DraftController``
+    (learned per device, so kept across generations); ``pipelined`` drafts ahead while a round is
+    in flight (GGUF drafters, plain drafts)."""
+
     def __init__(
         self,
         client: VerifierClient,
-        drafter: Drafter | None,
+        drafter: Drafter | DraftSource | None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         follow_hint: bool = True,
         sampling_mode: SamplingMode = "auto",
         deadline_s: float = 30.0,
+        adaptive: bool = False,
+        pipelined: bool = False,
     ) -> None:
+        from edge_agent.drafting import ModelSource
+
         self.client = client
-        self.drafter = drafter
+        self.source = as_source(drafter)
+        self.model = self.source if isinstance(self.source, ModelSource) else None  # TLI, look-ahead
         self.draft_tokens = draft_tokens if drafter is not None else 0
         self.follow_hint = follow_hint
         self.sampling_mode = sampling_mode
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
+        self.controller = DraftController(self.draft_tokens) if adaptive and self.draft_tokens else None
+        self.pipelined = pipelined and self.model is not None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sled-round") if self.pipelined else None
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
         """The drafter -> target id map when this session drafts with TLI: a sampled session, and
         ``tli``, or ``auto`` where the drafter's tokens are the target's (where TLI wins)."""
-        if self.drafter is None or request.temperature == 0 or self.sampling_mode == "slem":
+        if self.model is None or request.temperature == 0 or self.sampling_mode == "slem":
             return None
-        mapping = tli_map(self.drafter, self.client)
+        mapping = tli_map(self.model.drafter, self.client)
         return mapping.ids if self.sampling_mode == "tli" or mapping.shares_vocabulary else None
 
     def _open(self, request: SessionCreate, result: GenerationResult) -> SessionCreated:
@@ -158,16 +190,28 @@ class Agent:
                 self.client.failover()
                 result.failovers += 1
 
-    def _draft(self, k: int, tli: TliProposer | None) -> tuple[list[int], TliProposer | None]:
-        """Drafter ids of the next draft; a TLI draft that ends at its first position (nothing the
-        drafter wants is a target token) falls back to a plain draft for this round."""
-        if self.drafter is None or k <= 0:
-            return [], None
-        if tli is not None:
-            ids = self.drafter.draft(k, tli)
+    def _draft(self, k: int, tli: TliProposer | None, stop: Callable[[float], bool] | None
+               ) -> tuple[Draft, TliProposer | None]:
+        """The next draft; a TLI draft that ends at its first position (nothing the drafter wants
+        is a target token) falls back to a plain draft for this round."""
+        from edge_agent.drafting import Draft
+
+        if self.source is None or k <= 0:
+            return Draft([]), None
+        if tli is not None and self.model is not None:
+            ids = self.model.drafter.draft(k, tli)
             if ids:
-                return ids, tli
-        return self.drafter.draft(k), None
+                return Draft([self.model.drafter.tokenizer.piece(t) for t in ids], source="gguf"), tli
+        return self.source.propose(k, stop), None
+
+    def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None) -> VerifyResponse:
+        """Send the round; with pipelined drafting, draft on while it is in flight."""
+        args = (session, round_no, draft.text, tli.target_ids if tli else None, tli.proposals if tli else None)
+        if self._pool is None or self.model is None or tli is not None or not draft.pieces:
+            return self.client.verify(*args)
+        future = self._pool.submit(self.client.verify, *args)
+        self.model.look_ahead(lambda: not future.done(), self.draft_tokens)
+        return future.result()
 
     def generate(
         self,
@@ -193,8 +237,8 @@ class Agent:
         result.prompt_tokens = created.prompt_tokens
         if created.seed is not None:
             request = request.model_copy(update={"seed": created.seed})
-        if self.drafter is not None:
-            self.drafter.start(prompt, messages)
+        if self.source is not None:
+            self.source.start(prompt, messages)
         tli_mapping = self._tli_mapping(request)
         try:
             while True:
@@ -203,15 +247,20 @@ class Agent:
                 if tli_mapping is not None:
                     rng = np.random.default_rng([created.seed or 0, len(result.ids)])
                     proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
-                ids, tli = self._draft(k, proposer)
-                pieces = [self.drafter.tokenizer.piece(t) for t in ids] if self.drafter is not None else []
-                draft = b"".join(pieces)
+                stop_at: Callable[[float], bool] | None = None
+                if self.controller is not None and proposer is None:
+                    decision = self.controller.choose(k, free_steps=self._carried())
+                    result.decisions.append(decision.as_dict())
+                    k = decision.k
+                    stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
+                t_draft = time.perf_counter()
+                draft, tli = self._draft(k, proposer, stop_at)
+                draft_s = time.perf_counter() - t_draft
                 if proposer is not None:
                     result.tli_mass_inside += proposer.mass_inside
                 t_round = time.perf_counter()
                 try:
-                    resp = self.client.verify(session, round_no, draft, tli.target_ids if tli else None,
-                                              tli.proposals if tli else None)
+                    resp = self._verify(session, round_no, draft, tli)
                 except VerifierError as e:
                     if not _replica_lost(e):
                         raise
@@ -225,18 +274,21 @@ class Agent:
                     session, round_no = self._open(resumed, result).session_id, 1
                     result.resumed += 1
                     continue
-                result.round_latencies_s.append(time.perf_counter() - t_round)
+                latency = time.perf_counter() - t_round
+                result.round_latencies_s.append(latency)
                 result.rounds += 1
-                result.draft_tokens += len(pieces)
-                result.accepted_draft_tokens += accepted_pieces(pieces, resp.accepted_bytes)
-                length.observe(len(pieces), resp.draft_tokens)
+                accepted = accepted_pieces(draft.pieces, resp.accepted_bytes)
+                self._account(result, draft, accepted)
+                if self.controller is not None and tli is None:
+                    self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
+                                            resp.server_s, resp.draft_tokens)
+                length.observe(len(draft.pieces), resp.draft_tokens)
                 result.ids += resp.ids
                 result.text += resp.text
-                if resp.text:
-                    if on_text is not None:
-                        on_text(resp.text)
-                    if self.drafter is not None:
-                        self.drafter.commit(resp.text)
+                if resp.text and on_text is not None:
+                    on_text(resp.text)
+                if self.source is not None:
+                    self.source.commit(resp.text)
                 hint, round_no = resp.draft_hint, round_no + 1
                 if resp.finished:
                     result.finish_reason = resp.finish_reason
@@ -244,7 +296,24 @@ class Agent:
         finally:
             self.client.delete_session(session)
         result.elapsed_s = time.perf_counter() - t0
+        if self.model is not None:
+            result.ahead_drafted, self.model.ahead_drafted = self.model.ahead_drafted, 0
         return result
+
+    def _carried(self) -> int:
+        """Tokens of the next draft already drafted during the last round (pipelining)."""
+        return len(self.model.carried) if self.model is not None else 0
+
+    def _account(self, result: GenerationResult, draft: Draft, accepted: int) -> None:
+        result.draft_tokens += len(draft.pieces)
+        result.accepted_draft_tokens += accepted
+        if draft.pieces:
+            result.sources[draft.source] = result.sources.get(draft.source, 0) + 1
+        if draft.ready:
+            result.ahead_rounds += 1
+            result.ahead_used += draft.ready
+        if self.source is not None:
+            self.source.feedback(draft, accepted)
 
 
 def local_generate(drafter: Drafter, prompt: str | None, messages: list[ChatMessage] | None, max_tokens: int,

@@ -88,7 +88,8 @@ def _serve(args: argparse.Namespace) -> None:
     except VerifierError:
         model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
     config = DaemonConfig(verifier, settings, model, max_tokens=args.max_tokens, sampling_mode=args.sampling,
-                          follow_hint=not args.fixed_draft, token=token)
+                          follow_hint=not args.fixed_draft, token=token, adaptive=args.adaptive,
+                          pipelined=args.pipelined)
     api = settings.api
     print(f"sled-agent: serving the OpenAI API on http://{api.host}:{api.port}/v1 "
           f"(verifier: {', '.join(verifier.urls)})", file=sys.stderr, flush=True)
@@ -111,7 +112,7 @@ def _config(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     options = options_from_args(args)  # bad options fail before the drafter loads
-    drafter = load_drafter(args.drafter, args.threads)
+    drafter = load_drafter(args.drafter, args.threads, slowdown_ms=args.draft_slowdown)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
     prompt = None if args.chat else args.prompt
     # Answers are whole UTF-8, but a decoder that carries a split character over is safe whatever
@@ -128,6 +129,8 @@ def _generate(args: argparse.Namespace) -> None:
                                 options)
     summary = result.summary()
     if args.json:
+        if result.decisions:  # --adaptive: the draft controller's choice in every round
+            summary["controller"] = result.decisions
         print(json.dumps(summary, ensure_ascii=False))
         return
     print(decoder.decode(b"", final=True), file=sys.stdout)

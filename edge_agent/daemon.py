@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_generate
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.drafter import Drafter
+from edge_agent.drafting import DraftSource, gguf_drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
 from shared.fleet import DeviceSettings, Verifier
 
@@ -38,6 +39,8 @@ class DaemonConfig:
     sampling_mode: SamplingMode = "auto"
     follow_hint: bool = True
     token: str | None = None  # this device's bearer token for the verifier
+    adaptive: bool = False  # the device's draft controller (edge_agent.controller)
+    pipelined: bool = False  # drafting while a round is in flight
 
 
 class Metrics:
@@ -67,12 +70,12 @@ class Metrics:
             self.round_trip.observe(seconds)
 
 
-def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastAPI:
+def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | None]) -> FastAPI:
     """The app; ``drafters`` holds one drafter per concurrent generation (or None: no drafting)."""
     app = FastAPI(title="sled agent")
     metrics = Metrics()
     api, retry = config.settings.api, config.verifier.retry
-    pool: asyncio.Queue[Drafter | None] = asyncio.Queue()
+    pool: asyncio.Queue[Drafter | DraftSource | None] = asyncio.Queue()
     for d in drafters[: api.concurrency]:
         pool.put_nowait(d)
     waiting = 0
@@ -88,7 +91,7 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
                            kind="rate_limit_exceeded")
 
     @contextlib.asynccontextmanager
-    async def drafter_slot() -> AsyncIterator[Drafter | None]:
+    async def drafter_slot() -> AsyncIterator[Drafter | DraftSource | None]:
         """A drafter for one generation; waits in the bounded queue, or refuses with a 429."""
         nonlocal waiting
         refuse_when_full()
@@ -102,7 +105,7 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
         finally:
             pool.put_nowait(drafter)
 
-    def generate(drafter: Drafter | None, req: ChatRequest | CompletionRequest,
+    def generate(drafter: Drafter | DraftSource | None, req: ChatRequest | CompletionRequest,
                  on_text: Callable[[bytes], None] | None) -> GenerationResult:
         prompt, messages = (None, [m.plain() for m in req.messages]) if isinstance(req, ChatRequest) else (req.text(), None)
         limit = req.limit(config.max_tokens)
@@ -112,13 +115,15 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | None]) -> FastA
                             max_backoff_s=retry.max_backoff_s, start=random.randrange(len(urls)),
                             token=config.token) as client:
             agent = Agent(client, drafter, config.settings.max_draft_tokens, follow_hint=config.follow_hint,
-                          sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s)
+                          sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s,
+                          adaptive=config.adaptive, pipelined=config.pipelined)
             try:
                 return agent.generate(prompt, messages, limit, req.stops(), on_text, req.sampling())
             except VerifierError:
-                if not (config.settings.fallback == "local" and drafter is not None):
+                model = gguf_drafter(drafter)
+                if not (config.settings.fallback == "local" and model is not None):
                     raise
-        result = local_generate(drafter, prompt, messages, limit, req.stops())
+        result = local_generate(model, prompt, messages, limit, req.stops())
         if on_text is not None and result.text:
             on_text(result.text)
         return result

@@ -12,6 +12,7 @@ from shared.models import resolve
 
 if TYPE_CHECKING:
     from edge_agent.drafter import Drafter
+    from edge_agent.drafting import DraftSource
 
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -23,9 +24,17 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
                     help=f"verifier base URL; repeat it for replicas to fail over between (default {DEFAULT_SERVER})")
     ap.add_argument("--deadline", type=float, default=30.0,
                     help="seconds without any verifier answering before a generation fails")
-    ap.add_argument("--drafter", default="smollm2-135m", help="registry name or GGUF path; 'none' for plain decoding")
+    ap.add_argument("--drafter", default="smollm2-135m",
+                    help="registry name or GGUF path; 'ngram' (no model), 'ngram+NAME' (n-gram, then the model), "
+                         "'none' for plain decoding")
     ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="longest draft per round, in drafter tokens")
     ap.add_argument("--fixed-draft", action="store_true", help="ignore the verifier's draft-length hint")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="size each draft for the most tokens per second of this device's time (within the hint), "
+                         "and stop a draft where the drafter's confidence is low")
+    ap.add_argument("--pipelined", action="store_true", help="keep drafting while a round is in flight")
+    ap.add_argument("--draft-slowdown", type=float, default=0.0, metavar="MS",
+                    help="sleep per draft step, to emulate a slower board")
     ap.add_argument("--sampling", choices=("auto", "slem", "tli"), default="auto",
                     help="how a sampled session drafts: token-level intersection (tli), plain drafts (slem), "
                          "or tli where the drafter's vocabulary is the target's (auto)")
@@ -47,14 +56,21 @@ def device_token(path: Path | None) -> str | None:
         raise ValueError(f"cannot read --token-file {path}: {e.strerror}") from None
 
 
-def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers: int = 0) -> Drafter | None:
-    """The drafter named (None for 'none': plain decoding). Imports llama.cpp only now, so that
-    bad options fail fast."""
+def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers: int = 0,
+                 slowdown_ms: float = 0.0) -> Drafter | DraftSource | None:
+    """The drafter named: a GGUF model, ``ngram``, ``ngram+MODEL``, or None for 'none' (plain
+    decoding). Imports llama.cpp only now, so that bad options fail fast."""
     from edge_agent.drafter import Drafter
+    from edge_agent.drafting import HierarchicalSource, ModelSource, NgramSource
 
     if name == "none":
         return None
-    return Drafter(resolve(name), n_ctx=context, n_threads=threads, n_gpu_layers=gpu_layers)
+    if name == "ngram":
+        return NgramSource()
+    model = name.removeprefix("ngram+")
+    drafter = Drafter(resolve(model), n_ctx=context, n_threads=threads, n_gpu_layers=gpu_layers,
+                      slowdown_s=slowdown_ms / 1000)
+    return HierarchicalSource(ModelSource(drafter)) if model != name else drafter
 
 
 def open_client(args: argparse.Namespace) -> VerifierClient:
@@ -62,6 +78,6 @@ def open_client(args: argparse.Namespace) -> VerifierClient:
                           network_delay_s=args.network_delay_ms / 1000, token=device_token(args.token_file))
 
 
-def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | None) -> Agent:
+def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | DraftSource | None) -> Agent:
     return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft, sampling_mode=args.sampling,
-                 deadline_s=args.deadline)
+                 deadline_s=args.deadline, adaptive=args.adaptive, pipelined=args.pipelined)

@@ -27,9 +27,12 @@ class FleetError(ValueError):
 
 
 def _check_model(name: str) -> str:
-    if name in REGISTRY or name.endswith(".gguf") or "/" in name:
+    """A drafter: a built-in model, a GGUF path, ``ngram`` (no model) or ``ngram+MODEL``."""
+    model = name.removeprefix("ngram+")
+    if name == "ngram" or model in REGISTRY or model.endswith(".gguf") or "/" in model:
         return name
-    raise ValueError(f"unknown model '{name}' (built-in: {', '.join(REGISTRY)}; a GGUF path ends in .gguf)")
+    raise ValueError(f"unknown model '{model}' (built-in: {', '.join(REGISTRY)}; a GGUF path ends in .gguf; "
+                     "or ngram, ngram+MODEL)")
 
 
 class _Strict(BaseModel):

@@ -138,6 +138,9 @@ class VerifyResponse(_Message):
     # server's cost and this session's acceptance (0: drafting does not pay, send none). The
     # agent converts it into its own tokens; drafts longer than ``Limits.max_draft_tokens`` are cut.
     draft_hint: int
+    # Seconds the round spent in the verifier (queue and forward pass included): the device's
+    # draft controller tells network time from server time with it.
+    server_s: float = 0.0
 
 
 class Limits(_Message):

@@ -1,0 +1,132 @@
+"""The device's draft controller: how many tokens to draft this round, and when to stop early.
+
+The server's hint says what pays for *its* capacity; the device also pays for its own time: a
+draft step on a Raspberry Pi costs 50 ms, a round trip over Wi-Fi 20-100 ms. The controller
+measures, from its own rounds:
+
+- ``a_j``: the chance that draft position j is accepted once positions before it were (counts with
+  a prior, so that the first rounds are sensible);
+- the drafter's step time, the network's round-trip time (latency minus the verifier's time, which
+  each answer reports) and the verifier's time per round as a function of the draft length;
+
+and picks the k that maximises expected committed tokens per second of the device's wall time,
+E(k) / T(k) with E(k) = 1 + sum_i prod_{j<=i} a_j and T(k) = k * step + rtt + server(k), capped by
+the server's hint (the server's capacity comes first). With pipelined drafting the steps drafted
+while the round was in flight cost nothing, so they are left out of T.
+
+It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
+top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
+(low confidence: likely rejected, and every later token with it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+CONFIDENCE_BINS = 10
+PRIOR_ACCEPTANCE = 0.6  # a new device's guess, worth PRIOR_WEIGHT rounds of evidence
+PRIOR_WEIGHT = 2.0
+EMA = 0.2  # weight of the newest sample in the time averages
+MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
+
+
+@dataclass
+class Decision:
+    """One round's choice, for the agent's ``--json`` output."""
+
+    k: int  # drafter tokens asked for
+    hint: int  # the server's cap, in drafter tokens
+    expected_tokens: float
+    expected_s: float
+    threshold: float  # the confidence below which the draft stops
+
+    def as_dict(self) -> dict:
+        return {"k": self.k, "hint": self.hint, "expected_tokens": round(self.expected_tokens, 3),
+                "expected_ms": round(self.expected_s * 1e3, 2), "threshold": round(self.threshold, 3)}
+
+
+@dataclass
+class DraftController:
+    cap: int  # the longest draft the device offers (drafter tokens)
+    min_acceptance: float = 0.2  # stop drafting where the learned acceptance falls below this
+    reached: list[float] = field(default_factory=list)  # per position: rounds where it was drafted and reachable
+    accepted: list[float] = field(default_factory=list)
+    bin_offered: list[float] = field(default_factory=lambda: [0.0] * CONFIDENCE_BINS)
+    bin_accepted: list[float] = field(default_factory=lambda: [0.0] * CONFIDENCE_BINS)
+    step_s: float | None = None  # one draft step
+    rtt_s: float | None = None  # the network's share of a round
+    server_base_s: float | None = None  # the verifier's time for a round without a draft
+    server_per_token_s: float = 0.0  # and what each draft token adds
+
+    def __post_init__(self) -> None:
+        self.reached = self.reached or [0.0] * self.cap
+        self.accepted = self.accepted or [0.0] * self.cap
+
+    # --- learning ---------------------------------------------------------------------------------
+    def acceptance(self, j: int) -> float:
+        return (self.accepted[j] + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.reached[j] + PRIOR_WEIGHT)
+
+    def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
+                server_s: float, target_tokens: int) -> None:
+        """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
+        drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
+        for, ``latency_s`` from sending to the answer, ``server_s`` of it in the verifier, which
+        verified ``target_tokens`` candidates."""
+        for j in range(min(drafted, self.cap)):
+            if j > accepted:
+                break  # never reached: an earlier token was rejected
+            self.reached[j] += 1
+            self.accepted[j] += j < accepted
+        for j, c in enumerate(confidences[: accepted + 1]):
+            b = min(int(c * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)
+            self.bin_offered[b] += 1
+            self.bin_accepted[b] += j < accepted
+        if drafted:
+            self.step_s = _ema(self.step_s, draft_s / drafted)
+        self.rtt_s = _ema(self.rtt_s, max(latency_s - server_s, 0.0))
+        if target_tokens == 0 or self.server_base_s is None:
+            self.server_base_s = _ema(self.server_base_s, server_s)
+        else:
+            per = max(server_s - self.server_base_s, 0.0) / target_tokens
+            self.server_per_token_s = (1 - EMA) * self.server_per_token_s + EMA * per
+
+    def threshold(self) -> float:
+        """The lowest confidence worth drafting at: from the bottom, the upper edge of the last
+        bin (of those with evidence) whose acceptance is below ``min_acceptance``; 0 until one is."""
+        edge = 0.0
+        for b in range(CONFIDENCE_BINS):
+            if self.bin_offered[b] < MIN_EVIDENCE:
+                continue
+            if (self.bin_accepted[b] + PRIOR_ACCEPTANCE) / (self.bin_offered[b] + 1.0) >= self.min_acceptance:
+                break
+            edge = (b + 1) / CONFIDENCE_BINS
+        return edge
+
+    # --- deciding ---------------------------------------------------------------------------------
+    def expected_tokens(self, k: int) -> float:
+        total, reach = 1.0, 1.0
+        for j in range(k):
+            reach *= self.acceptance(j)
+            total += reach
+        return total
+
+    def round_s(self, k: int, free_steps: int = 0) -> float:
+        """Wall time of a round with a k-token draft, ``free_steps`` of it drafted while the
+        previous round was in flight."""
+        step = self.step_s or 0.0
+        server = (self.server_base_s or 0.0) + self.server_per_token_s * k
+        return max(k - free_steps, 0) * step + (self.rtt_s or 0.0) + server
+
+    def choose(self, hint: int, free_steps: int = 0) -> Decision:
+        """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
+        committed tokens per second; before any timing is known, the hint."""
+        limit = min(hint, self.cap)
+        threshold = self.threshold()
+        if self.step_s is None or self.rtt_s is None:
+            return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
+        best = max(range(limit + 1), key=lambda k: (self.expected_tokens(k) / max(self.round_s(k, free_steps), 1e-9), -k))
+        return Decision(best, hint, self.expected_tokens(best), self.round_s(best, free_steps), threshold)

@@ -1,0 +1,111 @@
+"""The device's drafting logic without a model: the draft controller (fed measured timings, as a
+fake clock would give them) and the n-gram drafter."""
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.controller import CONFIDENCE_BINS, DraftController
+from edge_agent.ngram import NgramDrafter
+
+
+def feed(c: DraftController, rounds: int, drafted: int, accepted: int, step_ms: float, rtt_ms: float,
+         server_ms: float, confidences: list[float] | None = None) -> None:
+    for _ in range(rounds):
+        c.observe(drafted, accepted, confidences or [0.9] * drafted, draft_s=drafted * step_ms / 1e3,
+                  latency_s=(rtt_ms + server_ms) / 1e3, server_s=server_ms / 1e3, target_tokens=drafted)
+
+
+def test_before_any_timing_the_hint_decides():
+    c = DraftController(cap=10)
+    assert c.choose(6).k == 6 and c.choose(20).k == 10
+
+
+def test_a_slow_link_and_good_acceptance_ask_for_long_drafts():
+    c = DraftController(cap=12)
+    feed(c, 30, drafted=8, accepted=8, step_ms=2, rtt_ms=80, server_ms=20)
+    assert c.choose(12).k >= 10  # beyond 8 tokens only the prior speaks (0.6 a position)
+    assert c.choose(5).k == 5  # never beyond the server's hint
+
+
+def test_a_slow_drafter_and_poor_acceptance_ask_for_short_drafts():
+    c = DraftController(cap=12)
+    feed(c, 30, drafted=6, accepted=0, step_ms=50, rtt_ms=5, server_ms=20)
+    decision = c.choose(12)
+    assert decision.k <= 1
+    assert c.acceptance(0) < 0.1
+
+
+def test_the_best_length_grows_with_the_round_trip():
+    """The same drafter and acceptance: a longer round trip makes each round dearer, so more
+    tokens per round pay."""
+    # 100 rounds of 16-token drafts whose accepted prefix is geometric: 0.8 a position.
+    accepted = [j for j in range(16) for _ in range(round(100 * (0.8**j - 0.8 ** (j + 1))))]
+    choices = []
+    for rtt in (0, 20, 80, 300):
+        c = DraftController(cap=16)
+        for a in accepted:
+            c.observe(16, a, [0.9] * 16, draft_s=16 * 0.015, latency_s=(rtt + 30) / 1e3, server_s=0.03,
+                      target_tokens=16)
+        choices.append(c.choose(16).k)
+    assert choices == sorted(choices) and choices[0] < choices[-1], choices
+
+
+def test_pipelined_steps_are_free():
+    c = DraftController(cap=12)
+    feed(c, 30, drafted=6, accepted=3, step_ms=40, rtt_ms=10, server_ms=10)
+    assert c.choose(12, free_steps=8).k > c.choose(12).k
+
+
+def test_the_confidence_threshold_is_learned_from_rejections():
+    c = DraftController(cap=8)
+    assert c.threshold() == 0.0  # nothing learned: never stop early
+    for _ in range(50):  # tokens drafted at confidence 0.1 are rejected, at 0.9 accepted
+        c.observe(3, 2, [0.9, 0.9, 0.1], draft_s=0.01, latency_s=0.05, server_s=0.01, target_tokens=3)
+    assert 0.1 < c.threshold() <= 0.9
+    assert c.choose(8).threshold == c.threshold()
+    assert sum(c.bin_offered) == 150 and len(c.bin_offered) == CONFIDENCE_BINS
+
+
+def test_decisions_are_reported():
+    c = DraftController(cap=8)
+    feed(c, 5, drafted=4, accepted=2, step_ms=5, rtt_ms=20, server_ms=10)
+    d = c.choose(8).as_dict()
+    assert set(d) == {"k", "hint", "expected_tokens", "expected_ms", "threshold"} and d["hint"] == 8
+
+
+# --- n-gram drafter -------------------------------------------------------------------------------
+CODE = b"def area(r):\n    return 3.14159 * r * r\n\ndef volume(r, h):\n    return area(r) * h\n"
+
+
+def test_ngram_proposes_what_followed_before_by_chained_lookups():
+    d = NgramDrafter()
+    d.start(CODE.decode(), None)
+    d.commit(b"\ndef area(r):\n")
+    proposal = d.propose(64)
+    assert proposal.text.startswith(b"    return 3.14159 * r * r\n")  # longer than one follower: chained
+    assert len(proposal.text) > 24 and proposal.long_bytes > 0
+
+
+def test_ngram_learns_from_committed_text_and_persists_across_generations():
+    d = NgramDrafter()
+    d.start("unrelated prompt", None)
+    assert d.propose(16).text == b""  # nothing seen yet
+    d.commit(b' {"level": "info", "msg": "ok"}\n')
+    d.start("new", None)  # a new generation keeps the table
+    d.commit(b' {"level": ')
+    assert d.propose(8).text == b'"info", '
+
+
+def test_ngram_memory_is_bounded():
+    d = NgramDrafter(max_entries=100)
+    d.start("x", None)
+    d.commit(bytes(range(256)) * 4)
+    assert all(len(t) <= 100 for t in d.tables.values())
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_ngram_draft_is_k_bytes_at_most(k):
+    d = NgramDrafter()
+    d.start(CODE.decode() * 2, None)
+    pieces = d.draft_pieces(k)
+    assert len(pieces) <= k and all(len(p) == 1 for p in pieces)
