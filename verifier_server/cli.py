@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-draft-tokens", type=int, default=16)
     s.add_argument("--token-budget", type=int, default=512, help="tokens per forward pass")
     s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (half a pass, if longer)")
+    s.add_argument("--emulate-pass-ms", type=float, default=0.0,
+                   help="benchmarks: pad every forward pass to this time, a GPU-like fixed cost (0: off)")
     a = s.add_argument_group("devices", "who may call, and how much (see deploy/README.md)")
     a.add_argument("--auth", choices=("token", "none"), default="token",
                    help="token: per-device bearer tokens from --fleet or --tokens; none: anyone (a lab only)")
@@ -112,6 +114,7 @@ def _access(args: argparse.Namespace) -> tuple[Credentials, DeviceLimits]:
 def _serve(args: argparse.Namespace) -> None:
     from verifier_server.app import create_app
     from verifier_server.engine import Engine, EngineConfig
+    from verifier_server.llama.forward import FixedCostBackend, ForwardBackend
     from verifier_server.llama.runner import LlamaRunner
     from verifier_server.server import serve
 
@@ -124,7 +127,10 @@ def _serve(args: argparse.Namespace) -> None:
         log.warning("WARNING: --auth none: any client that reaches this port may create and drive any session. "
                     "For a lab only; use --fleet or --tokens in production.")
 
-    backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
+    backend: ForwardBackend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot,
+                                       n_batch=args.token_budget)
+    if args.emulate_pass_ms > 0:
+        backend = FixedCostBackend(backend, args.emulate_pass_ms / 1000)
     runner = LlamaRunner(
         backend,
         token_budget=args.token_budget,

@@ -344,6 +344,7 @@ class Engine:
         self.committed_tokens += len(s.ids) - old
         resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
         elapsed = time.perf_counter() - t0
+        resp.server_s = round(elapsed, 6)
         self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
         self.round_rule_s.append(outcome.rule_s)
         self._record(RoundRecord(s.owner, len(candidates), outcome.accepted, len(resp.ids), elapsed))

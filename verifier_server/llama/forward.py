@@ -5,6 +5,7 @@ and calls it from one thread, so implementations need no locking.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,3 +53,39 @@ class ForwardBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class FixedCostBackend:
+    """A backend whose every forward pass takes at least ``pass_s`` (it sleeps the rest): emulates
+    a GPU verifier, whose pass costs about the same for 1 or 100 tokens (memory-bound), on a CPU
+    machine, for measuring the device side against a realistic verifier. The cost curve measured at
+    start-up sees the padded passes, so the draft-length hint is a GPU's."""
+
+    def __init__(self, inner: ForwardBackend, pass_s: float) -> None:
+        self.inner = inner
+        self.pass_s = pass_s
+        self.name = f"{inner.name}, fixed {pass_s * 1e3:g} ms passes"
+        self.model_name = inner.model_name
+        self.n_slots = inner.n_slots
+        self.ctx_per_slot = inner.ctx_per_slot
+        self.max_batch_tokens = inner.max_batch_tokens
+        self.n_params = inner.n_params
+
+    @property
+    def tokenizer(self) -> TargetTokenizer:
+        return self.inner.tokenizer
+
+    def forward(self, items: Sequence[ForwardItem]) -> list[LogitRows]:
+        t0 = time.perf_counter()
+        rows = self.inner.forward(items)
+        time.sleep(max(0.0, self.pass_s - (time.perf_counter() - t0)))
+        return rows
+
+    def save_state(self, slot: int) -> bytes:
+        return self.inner.save_state(slot)
+
+    def load_state(self, slot: int, state: bytes) -> None:
+        self.inner.load_state(slot, state)
+
+    def close(self) -> None:
+        self.inner.close()
