@@ -5,7 +5,9 @@ releases the devices together, and reports the verifier's CPU seconds, forward p
 per committed token, throughput, round latency and the lossless check of every output; then the
 capacity ratio (plain over speculative cost per token) and a GPU-modeled one. The default is a
 quick run (about 10 minutes on two cores); ``--full`` runs the whole grid. ``sled-bench soak``
-runs hundreds of simulated devices against one verifier for a long time (bench/soak.py).
+runs hundreds of simulated devices against one verifier for a long time (bench/soak.py);
+``sled-bench strategies`` compares the device's drafting strategies over network delays
+(bench/strategies.py).
 """
 from __future__ import annotations
 
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             from bench.soak import main as soak
 
             return soak(argv[1:])
+        if argv[:1] == ["strategies"]:  # device-side drafting strategies (bench/strategies.py)
+            from bench.strategies import main as strategies
+
+            return strategies(argv[1:])
         args = _parser().parse_args(argv)
         sys.exit(_bench(args, argv))
     except (ModelError, BenchError, LaunchError) as e:

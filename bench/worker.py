@@ -39,7 +39,7 @@ def _emit(obj: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     prompts = load(args.prompts)
-    drafter = load_drafter(args.drafter, args.threads)
+    drafter = load_drafter(args.drafter, args.threads, slowdown_ms=args.draft_slowdown)
     _emit({"ready": True})
     sys.stdin.readline()
     with open_client(args) as client:

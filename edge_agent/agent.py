@@ -4,7 +4,7 @@ from __future__ import annotations
 import operator
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,6 +15,7 @@ import numpy as np
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.controller import DraftController
 from edge_agent.tli import TliProposer, tli_map
+from shared.alignment import accepted_pieces
 from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated, VerifyResponse
 from shared.sampling import Sampling
 from shared.utf8 import complete_prefix_len
@@ -116,17 +117,6 @@ def _replica_lost(e: VerifierError) -> bool:
     """Whether an error means the session's replica is gone or failing (rather than a bad request):
     unreachable, a 5xx, or a 404 for a session it no longer knows."""
     return e.status == 0 or e.status == 404 or e.status >= 500
-
-
-def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
-    """How many draft tokens lie wholly inside the accepted byte prefix."""
-    n, end = 0, 0
-    for p in pieces:
-        end += len(p)
-        if end > accepted_bytes:
-            break
-        n += 1
-    return n
 
 
 def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:

@@ -6,9 +6,10 @@
   ahead, the rest is the exact greedy continuation of the new context (same tokens, same KV
   state), so the next draft starts with it for free; otherwise it is dropped.
 - ``NgramSource``: the model-free n-gram table (``edge_agent.ngram``); its tokens are bytes.
-- ``HierarchicalSource`` (``ngram+NAME``): the n-gram proposal when it is long and confident
-  enough to beat the model on measured acceptance, extended by the model after it; the model alone
-  otherwise. Its tokens are the model's.
+- ``HierarchicalSource`` (``ngram+NAME``): the n-gram proposal when it is long (a match of the
+  long context) and confident (its measured acceptance, scored every round whether it was used or
+  not, within 10% of the model's), extended by the model after it; the model alone otherwise. Its
+  tokens are the model's.
 
 Only the verifier commits: every source just proposes bytes, so all of them are lossless.
 """
@@ -20,13 +21,14 @@ from typing import Protocol
 
 from edge_agent.drafter import Drafter
 from edge_agent.ngram import NgramDrafter
-from shared.alignment import spell
+from shared.alignment import accepted_pieces, spell
 from shared.protocol import ChatMessage
-from shared.utf8 import complete_prefix_len
+from shared.utf8 import common_prefix_len, complete_prefix_len
 
 Stop = Callable[[float], bool]  # True: the token at this confidence ends the draft
 PRIOR_ACCEPTANCE = 0.5
 MIN_NGRAM_BYTES = 8  # shorter n-gram matches are not worth a round of their own
+NGRAM_PREFERENCE = 0.9  # the n-gram wins at 90% of the model's measured acceptance (it is free)
 
 
 @dataclass
@@ -149,19 +151,20 @@ class NgramSource:
 
 @dataclass
 class _Rate:
-    """A source's measured acceptance per proposed token (a prior of a few tokens at 0.5)."""
+    """A source's measured chance that a draft position is accepted once the ones before it were
+    (a prior of a few positions at 0.5)."""
 
-    proposed: float = 4.0
+    judged: float = 4.0
     accepted: float = 4.0 * PRIOR_ACCEPTANCE
 
     @property
     def value(self) -> float:
-        return self.accepted / self.proposed
+        return self.accepted / self.judged
 
-    def expected(self, n: int) -> float:
-        """Expected accepted tokens of an n-token proposal, acceptance falling off geometrically."""
-        r = min(self.value, 0.999)
-        return r * (1 - r**n) / (1 - r)
+    def observe(self, accepted: int, rejected: bool) -> None:
+        """``accepted`` leading positions, then one rejected (or none judged beyond them)."""
+        self.judged += accepted + rejected
+        self.accepted += accepted
 
 
 class HierarchicalSource:
@@ -172,6 +175,9 @@ class HierarchicalSource:
         self.table = table or NgramDrafter()
         self.rates = {"ngram": _Rate(), "gguf": _Rate()}
         self.chosen = {"ngram": 0, "gguf": 0}  # rounds each source opened
+        # The n-gram proposal of a round the model drafted: scored against what the verifier
+        # committed, so that the n-gram's acceptance is measured every round, chosen or not.
+        self.shadow: list[bytes] = []
 
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         self.model.start(prompt, messages)
@@ -184,20 +190,28 @@ class HierarchicalSource:
         proposal = self.table.propose(k * 4)  # about 4 bytes a token: enough to cover k tokens
         text = proposal.text[: complete_prefix_len(proposal.text[: proposal.long_bytes])]
         ids = spell(tok, self.model.drafter.tokens, text)[:k] if len(text) >= MIN_NGRAM_BYTES else []
-        if ids and self.rates["ngram"].expected(len(ids)) >= self.rates["gguf"].expected(k):
+        # Taken when long enough and about as likely to be accepted as the model's tokens: it costs
+        # no drafting time, and the model extends it to k tokens.
+        if ids and self.rates["ngram"].value >= NGRAM_PREFERENCE * self.rates["gguf"].value:
             more, _ = self.model.drafter.greedy(k - len(ids), after=ids) if k > len(ids) else ([], [])
             self.chosen["ngram"] += 1
+            self.shadow = []
             return Draft([tok.piece(t) for t in ids + more], source="ngram", ngram_tokens=len(ids))
         self.chosen["gguf"] += 1
+        self.shadow = [tok.piece(t) for t in ids]
         return self.model.propose(k, stop)
 
     def commit(self, text: bytes) -> None:
+        if self.shadow:  # judged only as far as the committed text reaches
+            shadow = b"".join(self.shadow)
+            agree = common_prefix_len(shadow, text)
+            matched = accepted_pieces(self.shadow, agree)
+            self.rates["ngram"].observe(matched, agree < min(len(shadow), len(text)))
+            self.shadow = []
         self.model.commit(text)
         self.table.commit(text)
 
     def feedback(self, draft: Draft, accepted: int) -> None:
         """Measured per source: for an n-gram round, only the n-gram's own tokens."""
         n = draft.ngram_tokens if draft.source == "ngram" else len(draft.pieces)
-        rate = self.rates[draft.source]
-        rate.proposed += n
-        rate.accepted += min(accepted, n)
+        self.rates[draft.source].observe(min(accepted, n), accepted < n)

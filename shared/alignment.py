@@ -89,3 +89,14 @@ def spell(tok: Tokenizer, existing: Sequence[int], text: bytes, window: int = DE
         ids += more
         covered += len(text_of(tok, more))
     return ids
+
+
+def accepted_pieces(pieces: Sequence[bytes], accepted_bytes: int) -> int:
+    """How many draft tokens lie wholly inside the accepted byte prefix."""
+    n, end = 0, 0
+    for p in pieces:
+        end += len(p)
+        if end > accepted_bytes:
+            break
+        n += 1
+    return n
