@@ -4,8 +4,9 @@ The server's hint says what pays for *its* capacity; the device also pays for it
 draft step on a Raspberry Pi costs 50 ms, a round trip over Wi-Fi 20-100 ms. The controller
 measures, from its own rounds:
 
-- ``a_j``: the chance that draft position j is accepted once positions before it were (counts with
-  a prior, so that the first rounds are sensible);
+- ``a_j``: the chance that draft position j is accepted once positions before it were (counts,
+  with position j-1's estimate as the prior of position j, and the full hint drafted every 8th
+  round so that far positions keep being measured);
 - the drafter's step time, the network's round-trip time (latency minus the verifier's time, which
   each answer reports) and the verifier's time per round as a function of the draft length;
 
@@ -28,6 +29,7 @@ PRIOR_ACCEPTANCE = 0.6  # a new device's guess, worth PRIOR_WEIGHT rounds of evi
 PRIOR_WEIGHT = 2.0
 EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
+EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -61,6 +63,7 @@ class DraftController:
     rtt_s: float | None = None  # the network's share of a round
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
+    decisions: int = 0
 
     def __post_init__(self) -> None:
         self.reached = self.reached or [0.0] * self.cap
@@ -68,7 +71,13 @@ class DraftController:
 
     # --- learning ---------------------------------------------------------------------------------
     def acceptance(self, j: int) -> float:
-        return (self.accepted[j] + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.reached[j] + PRIOR_WEIGHT)
+        """Position j's acceptance; its prior is position j-1's estimate (acceptance tends to hold
+        or rise along a draft: a draft that got this far follows predictable text), so positions
+        rarely drafted are not undervalued for want of evidence."""
+        estimate = PRIOR_ACCEPTANCE
+        for i in range(j + 1):
+            estimate = (self.accepted[i] + estimate * PRIOR_WEIGHT) / (self.reached[i] + PRIOR_WEIGHT)
+        return estimate
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
                 server_s: float, target_tokens: int) -> None:
@@ -123,10 +132,12 @@ class DraftController:
 
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
-        committed tokens per second; before any timing is known, the hint."""
+        committed tokens per second; before any timing is known, and every ``EXPLORE_EVERY``-th
+        round (so that long drafts stay measured), the hint."""
         limit = min(hint, self.cap)
         threshold = self.threshold()
-        if self.step_s is None or self.rtt_s is None:
+        self.decisions += 1
+        if self.step_s is None or self.rtt_s is None or self.decisions % EXPLORE_EVERY == 0:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.expected_tokens(k) / max(self.round_s(k, free_steps), 1e-9), -k))
         return Decision(best, hint, self.expected_tokens(best), self.round_s(best, free_steps), threshold)
