@@ -297,8 +297,9 @@ class Agent:
     def _account(self, result: GenerationResult, draft: Draft, accepted: int) -> None:
         result.draft_tokens += len(draft.pieces)
         result.accepted_draft_tokens += accepted
-        if draft.pieces:
-            result.sources[draft.source] = result.sources.get(draft.source, 0) + 1
+        if not draft.pieces:
+            return
+        result.sources[draft.source] = result.sources.get(draft.source, 0) + 1
         if draft.ready:
             result.ahead_rounds += 1
             result.ahead_used += draft.ready
