@@ -104,6 +104,16 @@ def _record(strategy: str, n: int, delay_ms: float, results: list[list[dict]], p
     }
 
 
+def _save(args: argparse.Namespace, prompts: list[Prompt], records: list[dict]) -> None:
+    if args.json is None:
+        return
+    out = {"target": args.target, "drafter": args.drafter, "workload": args.workload.name,
+           "emulate_pass_ms": args.emulate_pass_ms, "draft_slowdown_ms": args.draft_slowdown,
+           "max_tokens": args.max_tokens, "prompts": len(prompts), "records": records}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+
+
 def _chart(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -162,16 +172,12 @@ def main(argv: list[str] | None = None) -> None:
                         rec = _record(strategy, n, delay, results, verifier.stats()["positions"] - before,
                                       target.references)
                         records.append(rec)
+                        _save(args, prompts, records)  # as it goes: a long run keeps what it measured
                         print(f"N={n} rtt={delay:g} ms {strategy:20} {rec['device_tokens_per_s']:7.2f} tok/s/device "
                               f"{rec['tokens_per_round']:5.2f} tok/round {rec['positions_per_token']:5.2f} pos/tok "
                               f"lossless {rec['lossless_identical']}+{rec['lossless_near_tie']}/{rec['lossless_total']}",
                               file=sys.stderr, flush=True)
-    out = {"target": args.target, "drafter": args.drafter, "workload": args.workload.name,
-           "emulate_pass_ms": args.emulate_pass_ms, "draft_slowdown_ms": args.draft_slowdown,
-           "max_tokens": args.max_tokens, "prompts": len(prompts), "records": records}
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
         _chart(records, args.json.with_suffix(".png"),
                f"{args.drafter} -> {args.target}, {args.workload.name}, pass {args.emulate_pass_ms:g} ms, "
                f"draft slowdown {args.draft_slowdown:g} ms")
