@@ -30,6 +30,7 @@ PRIOR_WEIGHT = 2.0
 EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
+WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -64,6 +65,7 @@ class DraftController:
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
     decisions: int = 0
+    observed: int = 0  # rounds with a draft, measured
 
     def __post_init__(self) -> None:
         self.reached = self.reached or [0.0] * self.cap
@@ -85,6 +87,7 @@ class DraftController:
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
         for, ``latency_s`` from sending to the answer, ``server_s`` of it in the verifier, which
         verified ``target_tokens`` candidates."""
+        self.observed += drafted > 0
         for j in range(min(drafted, self.cap)):
             if j > accepted:
                 break  # never reached: an earlier token was rejected
@@ -132,12 +135,14 @@ class DraftController:
 
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
-        committed tokens per second; before any timing is known, and every ``EXPLORE_EVERY``-th
-        round (so that long drafts stay measured), the hint."""
+        committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
+        round or two of evidence would swing it), and every ``EXPLORE_EVERY``-th round (so that
+        long drafts stay measured)."""
         limit = min(hint, self.cap)
         threshold = self.threshold()
         self.decisions += 1
-        if self.step_s is None or self.rtt_s is None or self.decisions % EXPLORE_EVERY == 0:
+        warming = self.observed < WARMUP_ROUNDS or self.step_s is None or self.rtt_s is None
+        if warming or self.decisions % EXPLORE_EVERY == 0:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.expected_tokens(k) / max(self.round_s(k, free_steps), 1e-9), -k))
         return Decision(best, hint, self.expected_tokens(best), self.round_s(best, free_steps), threshold)
