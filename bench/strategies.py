@@ -131,7 +131,7 @@ def _chart(records: list[dict], path: Path, title: str) -> None:
         ax.set(title=f"N = {n}", xlabel="round-trip time (ms)", ylabel="device tokens/s")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
