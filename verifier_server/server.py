@@ -6,7 +6,7 @@ A rolling restart sends SIGTERM. The replica then drains instead of dropping its
 released, and each busy one once its round in flight has answered; its device gets 404 on the
 next round and resumes the session elsewhere from its ids (exact: nothing lost or repeated). The
 process exits when no round is in flight, or after the grace period at the latest. A second
-SIGTERM, or SIGINT, stops at once.
+SIGTERM, or SIGINT, skips the rest of the drain (uvicorn's own shutdown).
 """
 from __future__ import annotations
 
