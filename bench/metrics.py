@@ -26,6 +26,11 @@ def _mean(xs: list[float]) -> float | None:
     return round(float(np.mean(xs)), 4) if xs else None
 
 
+def tokens_per_s_per_device(devices: list[list[dict]]) -> list[float]:
+    """Each device's committed tokens over its own generation time."""
+    return [sum(len(line["ids"]) for line in d) / sum(line["summary"]["elapsed_s"] for line in d) for d in devices]
+
+
 def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> dict:
     """The figures of one pair, mode and N (see bench/README.md for each field)."""
     lines = [line for device in m.devices for line in device]
@@ -34,10 +39,7 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
     drafted = sum(line["summary"]["draft_tokens"] for line in lines)
     accepted = sum(line["summary"]["accepted_draft_tokens"] for line in lines)
     latencies = [x for line in lines for x in line["round_latencies_s"]]
-    per_device = [
-        sum(len(line["ids"]) for line in device) / sum(line["summary"]["elapsed_s"] for line in device)
-        for device in m.devices
-    ]
+    per_device = tokens_per_s_per_device(m.devices)
     settings = m.config.settings
     # TLI draws differently from plain seeded sampling (it is exact in distribution, not per seed)
     per_seed = settings.temperature == 0 or settings.sampling == "slem" or m.config.mode == "plain"

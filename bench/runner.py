@@ -6,9 +6,11 @@ one finishes: start-up, model loading and calibration are left out.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,32 +66,44 @@ def _worker_args(config: RunConfig, prompts_file: Path, server: str) -> list[str
     return args + ["--fixed-draft"] if config.mode == "fixed" else args
 
 
+@contextlib.contextmanager
+def devices_ready(n: int, prompts: list[Prompt], worker_args: Callable[[Path], list[str]], cores: CorePlan,
+                  log_dir: Path) -> Iterator[list[Device]]:
+    """N ``bench.worker`` processes, each with its share of ``prompts`` (``worker_args`` of its
+    prompts file), loaded and waiting to be released; stopped on leaving."""
+    if n > len(prompts):
+        raise BenchError(f"{n} devices need at least as many prompts (got {len(prompts)})")
+    devices = []
+    try:
+        for i in range(n):
+            prompts_file = log_dir / f"device{i}.jsonl"
+            prompts_file.write_text("".join(json.dumps(p.to_json()) + "\n" for p in share(prompts, n, i)))
+            devices.append(Device(worker_args(prompts_file), cores.device_core(i), log_dir / f"device{i}.log"))
+        for d in devices:
+            d.wait_ready()
+        yield devices
+    finally:
+        for d in devices:
+            d.stop()
+
+
+def release(devices: list[Device]) -> list[list[dict]]:
+    """Start every device at once; per device, its per-prompt lines once all have finished."""
+    for d in devices:
+        d.go()
+    return [d.results() for d in devices]
+
+
 def run(config: RunConfig, cores: CorePlan) -> Measurement:
     """Run ``config`` end to end with real processes; logs live in a temporary folder meanwhile."""
-    prompts = list(config.settings.prompts)
-    if config.n_devices > len(prompts):
-        raise BenchError(f"{config.n_devices} devices need at least as many prompts (got {len(prompts)})")
     with tempfile.TemporaryDirectory(prefix="sled-bench-") as tmp:
         log_dir = Path(tmp)
         max_tokens = config.settings.max_tokens
-        with Verifier(config.target, config.n_devices, max_tokens, cores.verifier, log_dir) as verifier:
-            devices = []
-            try:
-                for i in range(config.n_devices):
-                    prompts_file = log_dir / f"device{i}.jsonl"
-                    mine = share(prompts, config.n_devices, i)
-                    prompts_file.write_text("".join(json.dumps(p.to_json()) + "\n" for p in mine))
-                    args = _worker_args(config, prompts_file, verifier.url)
-                    devices.append(Device(args, cores.device_core(i), log_dir / f"device{i}.log"))
-                for d in devices:
-                    d.wait_ready()
-                cpu0, t0 = verifier.cpu_seconds(), time.perf_counter()
-                for d in devices:
-                    d.go()
-                results = [d.results() for d in devices]
-                wall = time.perf_counter() - t0
-                cpu = verifier.cpu_seconds() - cpu0
-                return Measurement(config, cpu, wall, verifier.stats(), results)
-            finally:
-                for d in devices:
-                    d.stop()
+        with Verifier(config.target, config.n_devices, max_tokens, cores.verifier, log_dir) as verifier, \
+                devices_ready(config.n_devices, list(config.settings.prompts),
+                              lambda f: _worker_args(config, f, verifier.url), cores, log_dir) as devices:
+            cpu0, t0 = verifier.cpu_seconds(), time.perf_counter()
+            results = release(devices)
+            wall = time.perf_counter() - t0
+            cpu = verifier.cpu_seconds() - cpu0
+            return Measurement(config, cpu, wall, verifier.stats(), results)

@@ -75,7 +75,9 @@ def record(url: str, token: str, drafter_name: str, n_prompts: int, max_tokens: 
 
 
 @dataclass
-class Tally:
+class Counts:
+    """What the simulated devices saw, together."""
+
     latencies_s: list[float] = field(default_factory=list)
     sessions: int = 0
     rounds: int = 0
@@ -87,7 +89,7 @@ class Tally:
 
 
 async def device(http: httpx.AsyncClient, token: str, traces: list[Trace], until: float, think_s: float,
-                 tally: Tally, rng: random.Random) -> None:
+                 tally: Counts, rng: random.Random) -> None:
     """One simulated device: sessions one after another, each replaying a recorded trace."""
     headers = {"authorization": f"Bearer {token}", "content-type": MSGPACK, "accept": MSGPACK}
     await asyncio.sleep(rng.uniform(0, 2 * think_s + 1.0))  # devices do not start in lockstep
@@ -153,8 +155,8 @@ class Sampler(threading.Thread):
             self.parked.append(self.verifier.stats()["parked_sessions"])
 
 
-async def load_fleet(url: str, tokens: list[str], traces: list[Trace], duration_s: float, think_s: float) -> Tally:
-    tally = Tally()
+async def load_fleet(url: str, tokens: list[str], traces: list[Trace], duration_s: float, think_s: float) -> Counts:
+    tally = Counts()
     until = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens) + 8)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(120.0, connect=10.0)) as http:

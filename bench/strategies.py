@@ -30,14 +30,15 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bench.lossless import Tally
-from bench.procs import Device, plan_cores
+from bench.metrics import tokens_per_s_per_device
+from bench.procs import CorePlan, plan_cores
+from bench.runner import devices_ready, release
 from bench.target import profile
-from bench.workload import DEFAULT_WORKLOAD, Prompt, load, share
+from bench.workload import DEFAULT_WORKLOAD, Prompt, load
 from verifier_server.process import VerifierProcess
 
 STRATEGIES: dict[str, list[str]] = {
@@ -53,26 +54,17 @@ EDIT_WORKLOAD = Path(__file__).with_name("edit_workload.jsonl")
 
 
 def _run(strategy: str, n: int, delay_ms: float, prompts: list[Prompt], args: argparse.Namespace,
-         verifier: VerifierProcess, work: Path, cores: Any) -> list[list[dict]]:
+         verifier: VerifierProcess, work: Path, cores: CorePlan) -> list[list[dict]]:
     flags = [f.format(drafter=args.drafter) for f in STRATEGIES[strategy]]
-    devices = []
-    try:
-        for i in range(n):
-            prompts_file = work / f"{strategy}-{n}-{delay_ms:g}-{i}.jsonl"
-            prompts_file.write_text("".join(json.dumps(p.to_json()) + "\n" for p in share(prompts, n, i)))
-            worker = ["--server", verifier.url, "--prompts", str(prompts_file), "--drafter", args.drafter,
-                      "--draft-tokens", str(args.draft_tokens), "--max-tokens", str(args.max_tokens),
-                      "--threads", "1", "--network-delay-ms", str(delay_ms),
-                      "--draft-slowdown", str(args.draft_slowdown), *flags]
-            devices.append(Device(worker, cores.device_core(i), work / f"device{i}.log"))
-        for d in devices:
-            d.wait_ready()
-        for d in devices:
-            d.go()
-        return [d.results() for d in devices]
-    finally:
-        for d in devices:
-            d.stop()
+
+    def worker(prompts_file: Path) -> list[str]:
+        return ["--server", verifier.url, "--prompts", str(prompts_file), "--drafter", args.drafter,
+                "--draft-tokens", str(args.draft_tokens), "--max-tokens", str(args.max_tokens),
+                "--threads", "1", "--network-delay-ms", str(delay_ms),
+                "--draft-slowdown", str(args.draft_slowdown), *flags]
+
+    with devices_ready(n, prompts, worker, cores, work) as devices:
+        return release(devices)
 
 
 def _record(strategy: str, n: int, delay_ms: float, results: list[list[dict]], positions: int,
@@ -80,7 +72,7 @@ def _record(strategy: str, n: int, delay_ms: float, results: list[list[dict]], p
     lines = [line for device in results for line in device]
     committed = sum(len(line["ids"]) for line in lines)
     rounds = sum(line["summary"]["rounds"] for line in lines)
-    per_device = [sum(len(x["ids"]) for x in dev) / sum(x["summary"]["elapsed_s"] for x in dev) for dev in results]
+    per_device = tokens_per_s_per_device(results)
     tally = Tally()
     for line in lines:
         tally.add(line["id"], line["ids"], references[line["id"]])

@@ -1,6 +1,7 @@
 """The agent's generation loop: draft, send bytes, take the committed span, repeat."""
 from __future__ import annotations
 
+import functools
 import operator
 import time
 import uuid
@@ -119,6 +120,13 @@ def _replica_lost(e: VerifierError) -> bool:
     return e.status == 0 or e.status == 404 or e.status >= 500
 
 
+@functools.cache
+def _rounds_in_flight() -> ThreadPoolExecutor:
+    """The threads that carry pipelined rounds while their agents draft on: one pool per process,
+    shared by every agent in it (the daemon runs several)."""
+    return ThreadPoolExecutor(thread_name_prefix="sled-round")
+
+
 def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:
     """A GGUF drafter is drafted through ``ModelSource``; other sources are taken as they are."""
     from edge_agent.drafter import Drafter
@@ -154,7 +162,6 @@ class Agent:
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
         self.controller = DraftController(self.draft_tokens) if adaptive and self.draft_tokens else None
         self.pipelined = pipelined and self.model is not None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sled-round") if self.pipelined else None
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
         """The drafter -> target id map when this session drafts with TLI: a sampled session, and
@@ -194,13 +201,14 @@ class Agent:
                 return Draft([self.model.drafter.tokenizer.piece(t) for t in ids], source="gguf"), tli
         return self.source.propose(k, stop), None
 
-    def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None) -> VerifyResponse:
+    def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None,
+                result: GenerationResult) -> VerifyResponse:
         """Send the round; with pipelined drafting, draft on while it is in flight."""
         args = (session, round_no, draft.text, tli.target_ids if tli else None, tli.proposals if tli else None)
-        if self._pool is None or self.model is None or tli is not None or not draft.pieces:
+        if not self.pipelined or self.model is None or tli is not None or not draft.pieces:
             return self.client.verify(*args)
-        future = self._pool.submit(self.client.verify, *args)
-        self.model.look_ahead(lambda: not future.done(), self.draft_tokens)
+        future = _rounds_in_flight().submit(self.client.verify, *args)
+        result.ahead_drafted += self.model.look_ahead(lambda: not future.done(), self.draft_tokens)
         return future.result()
 
     def generate(
@@ -250,7 +258,7 @@ class Agent:
                     result.tli_mass_inside += proposer.mass_inside
                 t_round = time.perf_counter()
                 try:
-                    resp = self._verify(session, round_no, draft, tli)
+                    resp = self._verify(session, round_no, draft, tli, result)
                 except VerifierError as e:
                     if not _replica_lost(e):
                         raise
@@ -286,8 +294,6 @@ class Agent:
         finally:
             self.client.delete_session(session)
         result.elapsed_s = time.perf_counter() - t0
-        if self.model is not None:
-            result.ahead_drafted, self.model.ahead_drafted = self.model.ahead_drafted, 0
         return result
 
     def _carried(self) -> int:

@@ -66,22 +66,22 @@ def _serve(args: argparse.Namespace) -> None:
     from edge_agent.daemon import DaemonConfig, create_daemon
     from shared import fleet
 
-    verifier, settings = fleet.Verifier(urls=[DEFAULT_SERVER]), fleet.DeviceSettings()
-    token = device_token(args.token_file)
+    verifier, settings, token = fleet.Verifier(urls=[DEFAULT_SERVER]), fleet.DeviceSettings(), None
     if args.config is not None:
         if not args.device:
             raise ValueError("--config needs --device (this device's id in the fleet file)")
         device = fleet.effective(fleet.load(args.config), args.device)
         verifier, settings = device.verifier, device.settings
-        token = device_token(args.token_file) if args.token_file is not None else device.token()
+        token = device.token() if args.token_file is None else None
+    token = token or device_token(args.token_file)  # --token-file wins, then $SLED_TOKEN
     # Flags given on the command line win over the fleet file.
     verifier = _overridden(verifier, urls=args.server, timeout_s=args.timeout,
                            retry=_overridden(verifier.retry, deadline_s=args.deadline))
     settings = _overridden(settings, drafter=args.drafter, threads=args.threads, max_draft_tokens=args.draft_tokens,
                            fallback=args.fallback, api=_overridden(settings.api, host=args.host, port=args.port,
                                                                    concurrency=args.concurrency, queue=args.queue))
-    drafters = [load_drafter(settings.drafter, settings.threads, settings.context, settings.gpu_layers)
-                for _ in range(settings.api.concurrency)]
+    drafters = [load_drafter(settings.drafter, settings.threads, settings.context, settings.gpu_layers,
+                             args.draft_slowdown) for _ in range(settings.api.concurrency)]
     try:
         with VerifierClient(verifier.urls, timeout_s=5, retries=0, token=token) as client:
             model = client.info().model

@@ -70,7 +70,6 @@ class ModelSource:
         self.sent: list[tuple[int, float]] = []  # the draft in flight: ids and confidences
         self.ahead: list[tuple[int, float]] = []  # drafted after it while it was in flight
         self.carried: list[tuple[int, float]] = []  # the part of those that the answer confirmed
-        self.ahead_drafted = 0  # for the agent's report
 
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         self.drafter.start(prompt, messages)
@@ -105,14 +104,13 @@ class ModelSource:
             if not tok:
                 break
             self.ahead.append((tok[0], conf[0]))
-        self.ahead_drafted += len(self.ahead)
         return len(self.ahead)
 
     def commit(self, text: bytes) -> None:
         new = self.drafter.commit(text)
         predicted = self.sent + self.ahead
-        if new and [t for t, _ in predicted[: len(new)]] == new:
-            self.carried = predicted[len(new) :]
+        confirmed = bool(new) and [t for t, _ in predicted[: len(new)]] == new
+        self.carried = predicted[len(new) :] if confirmed else []
         self.sent, self.ahead = [], []
 
     def feedback(self, draft: Draft, accepted: int) -> None:
@@ -184,8 +182,6 @@ class HierarchicalSource:
         self.table.start(prompt, messages)
 
     def propose(self, k: int, stop: Stop | None = None) -> Draft:
-        if k <= 0:
-            return Draft([], source="gguf")
         tok = self.model.drafter.tokenizer
         proposal = self.table.propose(k * 4)  # about 4 bytes a token: enough to cover k tokens
         text = proposal.text[: complete_prefix_len(proposal.text[: proposal.long_bytes])]
