@@ -100,7 +100,7 @@ def _save(args: argparse.Namespace, prompts: list[Prompt], records: list[dict]) 
     if args.json is None:
         return
     out = {"target": args.target, "drafter": args.drafter, "workload": args.workload.name,
-           "emulate_pass_ms": args.emulate_pass_ms, "draft_slowdown_ms": args.draft_slowdown,
+           "emulate_pass_ms": args.emulate_pass_ms, "replay": args.replay, "draft_slowdown_ms": args.draft_slowdown,
            "max_tokens": args.max_tokens, "prompts": len(prompts), "records": records}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--emulate-pass-ms", type=float, default=250.0,
                     help="the verifier's fixed pass time (GPU-like); 0 for the CPU's own cost")
     ap.add_argument("--draft-slowdown", type=float, default=0.0, metavar="MS", help="sleep per draft step")
+    ap.add_argument("--replay", action="store_true",
+                    help="the verifier replays the target's greedy decodings, recorded with the real model, "
+                         "instead of running it: passes can then be as short as a GPU's (with "
+                         "--emulate-pass-ms 22, an H100's measured pass for the 1.5B)")
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
                     help=f"prompts (JSON lines); the repetitive edit workload is {EDIT_WORKLOAD.name}")
     ap.add_argument("--json", type=Path, help="write the records here (and the chart next to it)")
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         options = ["--slots", str(max(args.n)), "--ctx-per-slot", str(args.max_tokens + 1024),
                    "--emulate-pass-ms", str(args.emulate_pass_ms), "--no-access-log"]
+        if args.replay:
+            recordings = work / "recordings.jsonl"
+            recordings.write_text("".join(json.dumps({"ids": ids}) + "\n" for ids in target.recordings))
+            options += ["--replay", str(recordings)]
         with VerifierProcess(args.target, *options, threads=len(cores.verifier), cores=cores.verifier,
                              log=work / "verifier.log", startup_timeout_s=600) as verifier:
             for n in args.n:
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                               file=sys.stderr, flush=True)
     if args.json is not None:
         _chart(records, args.json.with_suffix(".png"),
-               f"{args.drafter} -> {args.target}, {args.workload.name}, pass {args.emulate_pass_ms:g} ms, "
+               f"{args.drafter} -> {args.target}{' (replayed)' if args.replay else ''}, {args.workload.name}, "
+               f"pass {args.emulate_pass_ms:g} ms, "
                f"draft slowdown {args.draft_slowdown:g} ms")
     if any(r["lossless_failures"] for r in records):
         sys.exit("sled-bench strategies: an output broke the lossless rule")

@@ -27,6 +27,8 @@ class TargetProfile:
     n_params: int
     cost_curve: list[dict]  # [{"tokens": B, "seconds": best of COST_CURVE_REPEATS}]
     references: dict[str, Reference]
+    # per prompt: its ids then the reference's, for a verifier that replays them (``--replay``)
+    recordings: list[list[int]]
 
 
 def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[int, ...],
@@ -39,6 +41,7 @@ def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[in
     try:
         backend = LlamaBackend(resolve(target), target, n_slots=1, ctx_per_slot=4096, n_threads=len(cores))
         try:
+            refs = references(backend, prompts, max_tokens, sampling)
             return TargetProfile(
                 name=target,
                 n_params=backend.n_params,
@@ -46,7 +49,9 @@ def profile(target: str, prompts: list[Prompt], max_tokens: int, cores: tuple[in
                     {"tokens": b, "seconds": round(t, 6)}
                     for b, t in measure_cost_curve(backend, COST_CURVE_TOKENS, COST_CURVE_REPEATS).items()
                 ],
-                references=references(backend, prompts, max_tokens, sampling),
+                references=refs,
+                recordings=[backend.tokenizer.prompt_ids(p.prompt, p.message_list) + refs[p.id].ids
+                            for p in prompts],
             )
         finally:
             backend.close()

@@ -160,8 +160,9 @@ class Agent:
         self.follow_hint = follow_hint
         self.sampling_mode = sampling_mode
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
-        self.controller = DraftController(self.draft_tokens) if adaptive and self.draft_tokens else None
         self.pipelined = pipelined and self.model is not None
+        self.controller = (DraftController(self.draft_tokens, lookahead=self.pipelined)
+                           if adaptive and self.draft_tokens else None)
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
         """The drafter -> target id map when this session drafts with TLI: a sampled session, and
@@ -279,7 +280,7 @@ class Agent:
                 self._account(result, draft, accepted)
                 if self.controller is not None and tli is None:
                     self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
-                                            resp.server_s, resp.draft_tokens)
+                                            resp.server_s, resp.draft_tokens, draft.ready)
                 length.observe(len(draft.pieces), resp.draft_tokens)
                 result.ids += resp.ids
                 result.text += resp.text

@@ -15,6 +15,18 @@ E(k) / T(k) with E(k) = 1 + sum_i prod_{j<=i} a_j and T(k) = k * step + rtt + se
 the server's hint (the server's capacity comes first). With pipelined drafting the steps drafted
 while the round was in flight cost nothing, so they are left out of T.
 
+Pipelined (``lookahead``), a round also buys the next one's draft: while it is in flight the device
+drafts on as if it will be fully accepted, and when it is (and the verifier's bonus token is the one
+the drafter predicted: position k+1 accepted, probability reach(k+1)) the next round opens with
+that look-ahead, drafted for free. A short draft is fully accepted more often, so it is worth more
+than E(k)/T(k) says. The controller scores k by the rate of the two-state chain "this round, then
+look-ahead rounds while they keep being fully accepted":
+
+    rate(k) = (E(k) + r E_C) / (T(k) + r T_C),   r = p / (1 - q),
+
+with p = reach(k+1), E_C and T_C a look-ahead round's tokens and time (its draft is as long as the
+in-flight time allows, no drafting time of its own), and q its own chance to be fully accepted.
+
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
 (low confidence: likely rejected, and every later token with it).
@@ -64,6 +76,7 @@ class DraftController:
     rtt_s: float | None = None  # the network's share of a round
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
+    lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
     decisions: int = 0
     observed: int = 0  # rounds with a draft, measured
 
@@ -72,21 +85,25 @@ class DraftController:
         self.accepted = self.accepted or [0.0] * self.cap
 
     # --- learning ---------------------------------------------------------------------------------
+    def acceptances(self) -> list[float]:
+        """Each position's acceptance; its prior is position j-1's estimate (acceptance tends to
+        hold or rise along a draft: a draft that got this far follows predictable text), so
+        positions rarely drafted are not undervalued for want of evidence."""
+        out, estimate = [], PRIOR_ACCEPTANCE
+        for accepted, reached in zip(self.accepted, self.reached):
+            estimate = (accepted + estimate * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT)
+            out.append(estimate)
+        return out
+
     def acceptance(self, j: int) -> float:
-        """Position j's acceptance; its prior is position j-1's estimate (acceptance tends to hold
-        or rise along a draft: a draft that got this far follows predictable text), so positions
-        rarely drafted are not undervalued for want of evidence."""
-        estimate = PRIOR_ACCEPTANCE
-        for i in range(j + 1):
-            estimate = (self.accepted[i] + estimate * PRIOR_WEIGHT) / (self.reached[i] + PRIOR_WEIGHT)
-        return estimate
+        return self.acceptances()[j]
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
-                server_s: float, target_tokens: int) -> None:
+                server_s: float, target_tokens: int, ready: int = 0) -> None:
         """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
-        for, ``latency_s`` from sending to the answer, ``server_s`` of it in the verifier, which
-        verified ``target_tokens`` candidates."""
+        for (``ready`` of the tokens were drafted ahead, at no cost), ``latency_s`` from sending to
+        the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates."""
         self.observed += drafted > 0
         for j in range(min(drafted, self.cap)):
             if j > accepted:
@@ -97,8 +114,8 @@ class DraftController:
             b = min(int(c * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)
             self.bin_offered[b] += 1
             self.bin_accepted[b] += j < accepted
-        if drafted:
-            self.step_s = _ema(self.step_s, draft_s / drafted)
+        if drafted > ready:
+            self.step_s = _ema(self.step_s, draft_s / (drafted - ready))
         self.rtt_s = _ema(self.rtt_s, max(latency_s - server_s, 0.0))
         if target_tokens == 0 or self.server_base_s is None:
             self.server_base_s = _ema(self.server_base_s, server_s)
@@ -119,12 +136,17 @@ class DraftController:
         return edge
 
     # --- deciding ---------------------------------------------------------------------------------
-    def expected_tokens(self, k: int) -> float:
-        total, reach = 1.0, 1.0
-        for j in range(k):
-            reach *= self.acceptance(j)
-            total += reach
-        return total
+    def reaches(self) -> list[float]:
+        """Entry k: the chance that the first k draft positions are all accepted, for k up to one
+        past the cap (the look-ahead's bonus token)."""
+        out = [1.0]
+        acceptances = self.acceptances()
+        for a in acceptances + acceptances[-1:]:
+            out.append(out[-1] * a)
+        return out
+
+    def expected_tokens(self, k: int, reaches: list[float] | None = None) -> float:
+        return sum((reaches or self.reaches())[: k + 1])
 
     def round_s(self, k: int, free_steps: int = 0) -> float:
         """Wall time of a round with a k-token draft, ``free_steps`` of it drafted while the
@@ -144,5 +166,20 @@ class DraftController:
         warming = self.observed < WARMUP_ROUNDS or self.step_s is None or self.rtt_s is None
         if warming or self.decisions % EXPLORE_EVERY == 0:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
-        best = max(range(limit + 1), key=lambda k: (self.expected_tokens(k) / max(self.round_s(k, free_steps), 1e-9), -k))
-        return Decision(best, hint, self.expected_tokens(best), self.round_s(best, free_steps), threshold)
+        reaches = self.reaches()
+        best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
+        return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
+
+    def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:
+        """Expected committed tokens per second of drafting ``k`` tokens now (see the module's
+        docstring for the look-ahead chain)."""
+        tokens, seconds = self.expected_tokens(k, reaches), self.round_s(k, free_steps)
+        if self.lookahead and k and self.step_s:
+            in_flight = self.round_s(k, k)  # round trip and verifier: what the look-ahead has
+            ahead = min(limit, int(in_flight / self.step_s)) - 1  # its first token is the bonus's
+            if ahead > 0:
+                p, q = reaches[k + 1], reaches[ahead + 1]
+                r = p / max(1.0 - q, 1e-3)
+                tokens += r * self.expected_tokens(ahead, reaches)
+                seconds += r * self.round_s(ahead, ahead)
+        return tokens / max(seconds, 1e-9)

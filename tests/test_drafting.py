@@ -56,6 +56,21 @@ def test_pipelined_steps_are_free():
     assert c.choose(12, free_steps=8).k > c.choose(12).k
 
 
+def test_pipelined_a_draft_is_shorter_for_the_look_ahead_it_buys():
+    """With look-ahead, a short draft is more often fully accepted, and then the next round's draft
+    is already there: the controller drafts shorter than without it, where the round trip makes
+    long drafts pay, and its expected rate counts the look-ahead rounds."""
+    accepted = [j for j in range(12) for _ in range(round(100 * (0.8**j - 0.8 ** (j + 1))))]
+    plain, pipelined = DraftController(cap=12), DraftController(cap=12, lookahead=True)
+    for c in (plain, pipelined):
+        for a in accepted:
+            c.observe(12, a, [0.9] * 12, draft_s=12 * 0.008, latency_s=0.105, server_s=0.022, target_tokens=12)
+    short, long = pipelined.choose(12).k, plain.choose(12).k
+    assert short < long, (short, long)
+    reaches = pipelined.reaches()
+    assert pipelined.rate(short, 12, reaches) > plain.rate(short, 12, reaches)
+
+
 def test_the_confidence_threshold_is_learned_from_rejections():
     c = DraftController(cap=8)
     assert c.threshold() == 0.0  # nothing learned: never stop early

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-window-ms", type=float, default=2.0, help="how long a pass waits for the rounds of other active sessions (half a pass, if longer)")
     s.add_argument("--emulate-pass-ms", type=float, default=0.0,
                    help="benchmarks: pad every forward pass to this time, a GPU-like fixed cost (0: off)")
+    s.add_argument("--replay", type=Path, metavar="FILE",
+                   help="benchmarks: answer from recorded greedy decodings (JSON lines of ids, made by "
+                        "sled-bench strategies) instead of running the model; with --emulate-pass-ms, a "
+                        "verifier with a GPU's timing")
     a = s.add_argument_group("devices", "who may call, and how much (see deploy/README.md)")
     a.add_argument("--auth", choices=("token", "none"), default="token",
                    help="token: per-device bearer tokens from --fleet or --tokens; none: anyone (a lab only)")
@@ -127,8 +131,14 @@ def _serve(args: argparse.Namespace) -> None:
         log.warning("WARNING: --auth none: any client that reaches this port may create and drive any session. "
                     "For a lab only; use --fleet or --tokens in production.")
 
-    backend: ForwardBackend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot,
-                                       n_batch=args.token_budget)
+    backend: ForwardBackend
+    if args.replay is not None:
+        from verifier_server.llama.replay import ReplayBackend, load_recordings
+
+        backend = ReplayBackend(resolve(args.model), args.model, load_recordings(args.replay), n_slots=args.slots,
+                                ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
+    else:
+        backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
     if args.emulate_pass_ms > 0:
         backend = FixedCostBackend(backend, args.emulate_pass_ms / 1000)
     runner = LlamaRunner(
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         {"serve": _serve, "generate": _generate, "models": _models, "tokens": _tokens}[args.command](args)
-    except (ModelError, RunnerError, ValueError) as e:
+    except (ModelError, RunnerError, ValueError, OSError) as e:
         sys.exit(f"sled-verifier: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
