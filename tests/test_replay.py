@@ -36,9 +36,10 @@ def test_rows_name_the_recorded_next_token_and_end_off_the_recording():
 
 def test_a_bad_recordings_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "r.jsonl"
-    bad.write_text('{"ids": [1, "x"]}\n')
-    with pytest.raises(ValueError, match="r.jsonl:1"):
-        load_recordings(bad)
+    for text in ('{"ids": [1, "x"]}', "[1, 2]", "{ids"):
+        bad.write_text(text + "\n")
+        with pytest.raises(ValueError, match=r"r\.jsonl:1"):
+            load_recordings(bad)
 
 
 @pytest.mark.slow

@@ -21,11 +21,11 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
 from verifier_server.acceptance import LogitRows
 from verifier_server.llama.backend import BackendError
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import TargetTokenizer
-from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
 
 REPLAY_LOGIT = 30.0  # the recorded token's logit; every other token's is 0
 
@@ -34,11 +34,16 @@ def load_recordings(path: Path) -> list[list[int]]:
     """JSON lines, each ``{"ids": [...]}``: a prompt's ids followed by the target's greedy ids."""
     recordings = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            ids = json.loads(line).get("ids")
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                raise ValueError(f"{path}:{n}: expected {{\"ids\": [int, ...]}}")
-            recordings.append(ids)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        ids = record.get("ids") if isinstance(record, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"{path}:{n}: expected {{\"ids\": [int, ...]}}")
+        recordings.append(ids)
     return recordings
 
 
