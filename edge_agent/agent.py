@@ -247,6 +247,7 @@ class Agent:
                     rng = np.random.default_rng([created.seed or 0, len(result.ids)])
                     proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
                 stop_at: Callable[[float], bool] | None = None
+                t_start = time.perf_counter()
                 if self.controller is not None and proposer is None:
                     decision = self.controller.choose(k, free_steps=self._carried())
                     result.decisions.append(decision.as_dict())
@@ -278,9 +279,6 @@ class Agent:
                 result.rounds += 1
                 accepted = accepted_pieces(draft.pieces, resp.accepted_bytes)
                 self._account(result, draft, accepted)
-                if self.controller is not None and tli is None:
-                    self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
-                                            resp.server_s, resp.draft_tokens, draft.ready)
                 length.observe(len(draft.pieces), resp.draft_tokens)
                 result.ids += resp.ids
                 result.text += resp.text
@@ -288,6 +286,10 @@ class Agent:
                     on_text(resp.text)
                 if self.source is not None:
                     self.source.commit(resp.text)
+                if self.controller is not None and tli is None:
+                    self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
+                                            resp.server_s, resp.draft_tokens, draft.ready, len(resp.ids),
+                                            time.perf_counter() - t_start)
                 hint, round_no = resp.draft_hint, round_no + 1
                 if resp.finished:
                     result.finish_reason = resp.finish_reason

@@ -27,6 +27,13 @@ look-ahead rounds while they keep being fully accepted":
 with p = reach(k+1), E_C and T_C a look-ahead round's tokens and time (its draft is as long as the
 in-flight time allows, no drafting time of its own), and q its own chance to be fully accepted.
 
+The model leaves out what a round costs beyond drafting and the wire (re-tokenizing the answer,
+the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. Where
+it predicts that drafting barely beats no draft at all (a fast verifier on a short link), the
+controller checks against measurement: it sends a round without a draft now and then, keeps the
+committed tokens per second of wall time of rounds with and without a draft, and drafts nothing
+while rounds without a draft measure faster. So drafting never costs the device its plain speed.
+
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
 (low confidence: likely rejected, and every later token with it).
@@ -43,6 +50,8 @@ EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
+PLAIN_CHECK_GAIN = 1.5  # below this predicted gain over no draft, measured rates decide
+PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -77,6 +86,8 @@ class DraftController:
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
     lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
+    # measured committed tokens and wall seconds of rounds without (False) and with (True) a draft
+    measured: dict[bool, tuple[float, float]] = field(default_factory=dict)
     decisions: int = 0
     observed: int = 0  # rounds with a draft, measured
 
@@ -99,11 +110,16 @@ class DraftController:
         return self.acceptances()[j]
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
-                server_s: float, target_tokens: int, ready: int = 0) -> None:
+                server_s: float, target_tokens: int, ready: int = 0, committed: int = 0,
+                wall_s: float = 0.0) -> None:
         """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
         for (``ready`` of the tokens were drafted ahead, at no cost), ``latency_s`` from sending to
-        the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates."""
+        the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates;
+        ``committed`` target tokens in ``wall_s`` of the device's time, all included."""
+        if wall_s > 0:
+            tokens, seconds = self.measured.get(drafted > 0, (float(committed), wall_s))
+            self.measured[drafted > 0] = (_ema(tokens, committed), _ema(seconds, wall_s))
         self.observed += drafted > 0
         for j in range(min(drafted, self.cap)):
             if j > accepted:
@@ -168,7 +184,17 @@ class DraftController:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         reaches = self.reaches()
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
+        close = best and self.rate(best, limit, reaches, free_steps) < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
+        if close and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2 or self.plain_measures_faster()):
+            best = 0  # a round without a draft: measured now and then, and taken while it is faster
         return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
+
+    def plain_measures_faster(self) -> bool:
+        """Whether rounds without a draft have committed more tokens per second than rounds with."""
+        if len(self.measured) < 2:
+            return False
+        (plain_tokens, plain_s), (draft_tokens, draft_s) = self.measured[False], self.measured[True]
+        return plain_tokens / plain_s > draft_tokens / draft_s
 
     def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:
         """Expected committed tokens per second of drafting ``k`` tokens now (see the module's

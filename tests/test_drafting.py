@@ -71,6 +71,23 @@ def test_pipelined_a_draft_is_shorter_for_the_look_ahead_it_buys():
     assert pipelined.rate(short, 12, reaches) > plain.rate(short, 12, reaches)
 
 
+def test_drafting_never_costs_the_plain_speed_that_rounds_measure():
+    """A fast verifier on a short link: the model predicts a small gain from drafting, so measured
+    rates decide. Rounds without a draft are sent now and then, and win when they measure faster."""
+    def rounds(c: DraftController, plain_ms: float, draft_ms: float) -> list[int]:
+        ks = []
+        for _ in range(40):
+            k = c.choose(6).k
+            ks.append(k)
+            c.observe(k, min(k, 2), [0.9] * k, draft_s=k * 0.02, latency_s=0.024, server_s=0.022,
+                      target_tokens=k, committed=3 if k else 1, wall_s=(draft_ms if k else plain_ms) / 1e3)
+        return ks[-16:]
+
+    assert rounds(DraftController(cap=6), plain_ms=25, draft_ms=100).count(0) == 14  # all but the explorations
+    settled = rounds(DraftController(cap=6), plain_ms=25, draft_ms=50)
+    assert settled.count(0) <= 2 and max(settled) > 0
+
+
 def test_the_confidence_threshold_is_learned_from_rejections():
     c = DraftController(cap=8)
     assert c.threshold() == 0.0  # nothing learned: never stop early
