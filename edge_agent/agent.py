@@ -137,8 +137,8 @@ def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:
 
 class Agent:
     """Generates through the verifier. ``adaptive`` sizes each draft with a ``DraftController``
-    (learned per device, so kept across generations); ``pipelined`` drafts ahead while a round is
-    in flight (GGUF drafters, plain drafts)."""
+    (learned per device, so kept across generations: pass ``controller`` to keep one across
+    agents); ``pipelined`` drafts ahead while a round is in flight (GGUF drafters, plain drafts)."""
 
     def __init__(
         self,
@@ -150,6 +150,7 @@ class Agent:
         deadline_s: float = 30.0,
         adaptive: bool = False,
         pipelined: bool = False,
+        controller: DraftController | None = None,
     ) -> None:
         from edge_agent.drafting import ModelSource
 
@@ -161,7 +162,7 @@ class Agent:
         self.sampling_mode = sampling_mode
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
         self.pipelined = pipelined and self.model is not None
-        self.controller = (DraftController(self.draft_tokens, lookahead=self.pipelined)
+        self.controller = (controller or DraftController(self.draft_tokens, lookahead=self.pipelined)
                            if adaptive and self.draft_tokens else None)
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:

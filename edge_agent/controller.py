@@ -28,11 +28,12 @@ with p = reach(k+1), E_C and T_C a look-ahead round's tokens and time (its draft
 in-flight time allows, no drafting time of its own), and q its own chance to be fully accepted.
 
 The model leaves out what a round costs beyond drafting and the wire (re-tokenizing the answer,
-the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. Where
-it predicts that drafting barely beats no draft at all (a fast verifier on a short link), the
-controller checks against measurement: it sends a round without a draft now and then, keeps the
-committed tokens per second of wall time of rounds with and without a draft, and drafts nothing
-while rounds without a draft measure faster. So drafting never costs the device its plain speed.
+the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. So the
+controller also measures committed tokens per second of wall time, all included, for rounds with
+and without a draft. Where drafted rounds measure less than 1.3x what the model predicts for
+rounds without a draft (a fast verifier on a short link), it sends a round without a draft now and
+then, and drafts nothing while those measure faster: drafting never costs the device its plain
+speed.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -50,7 +51,7 @@ EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
-PLAIN_CHECK_GAIN = 1.5  # below this predicted gain over no draft, measured rates decide
+PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 
 
@@ -175,26 +176,35 @@ class DraftController:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
         committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
         round or two of evidence would swing it), and every ``EXPLORE_EVERY``-th round (so that
-        long drafts stay measured)."""
+        long drafts stay measured; while rounds without a draft are faster, that round drafts the
+        best length instead, to keep drafted rounds measured at a small cost)."""
         limit = min(hint, self.cap)
         threshold = self.threshold()
         self.decisions += 1
         warming = self.observed < WARMUP_ROUNDS or self.step_s is None or self.rtt_s is None
-        if warming or self.decisions % EXPLORE_EVERY == 0:
+        explore = self.decisions % EXPLORE_EVERY == 0
+        if warming or (explore and not self.plain_measures_faster()):
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         reaches = self.reaches()
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
-        close = best and self.rate(best, limit, reaches, free_steps) < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
-        if close and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2 or self.plain_measures_faster()):
+        drafted = self.measured_rate(True)
+        close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
+        if close and not explore and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2
+                                      or self.plain_measures_faster()):
             best = 0  # a round without a draft: measured now and then, and taken while it is faster
         return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
 
+    def measured_rate(self, drafted: bool) -> float | None:
+        """Committed tokens per second of wall time of rounds with (or without) a draft."""
+        if drafted not in self.measured:
+            return None
+        tokens, seconds = self.measured[drafted]
+        return tokens / seconds
+
     def plain_measures_faster(self) -> bool:
         """Whether rounds without a draft have committed more tokens per second than rounds with."""
-        if len(self.measured) < 2:
-            return False
-        (plain_tokens, plain_s), (draft_tokens, draft_s) = self.measured[False], self.measured[True]
-        return plain_tokens / plain_s > draft_tokens / draft_s
+        plain, drafted = self.measured_rate(False), self.measured_rate(True)
+        return plain is not None and drafted is not None and plain > drafted
 
     def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:
         """Expected committed tokens per second of drafting ``k`` tokens now (see the module's

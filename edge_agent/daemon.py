@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_generate
 from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.controller import DraftController
 from edge_agent.drafter import Drafter
 from edge_agent.drafting import DraftSource, gguf_drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
@@ -79,6 +80,9 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
     for d in drafters[: api.concurrency]:
         pool.put_nowait(d)
     waiting = 0
+    # The draft controller of each pooled drafter (--adaptive): it measures the device, its link and
+    # its drafter, so it is kept from one request to the next rather than learned anew each time.
+    controllers: dict[int, DraftController] = {}
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -116,7 +120,10 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
                             token=config.token) as client:
             agent = Agent(client, drafter, config.settings.max_draft_tokens, follow_hint=config.follow_hint,
                           sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s,
-                          adaptive=config.adaptive, pipelined=config.pipelined)
+                          adaptive=config.adaptive, pipelined=config.pipelined,
+                          controller=controllers.get(id(drafter)))
+            if agent.controller is not None:  # what it learned serves the drafter's next request
+                controllers[id(drafter)] = agent.controller
             try:
                 return agent.generate(prompt, messages, limit, req.stops(), on_text, req.sampling())
             except VerifierError:
