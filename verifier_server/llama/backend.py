@@ -23,6 +23,18 @@ class BackendError(RunnerError):
     """The model could not be loaded or a forward pass failed."""
 
 
+def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> llama_cpp.llama_model_p:
+    """A GGUF model through llama.cpp; ``vocab_only``: its tokenizer alone, without the weights."""
+    quiet_llama_logs()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.vocab_only = vocab_only
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise BackendError(f"llama.cpp could not load {path}")
+    return model
+
+
 class _Rows:
     """An item's logits rows as views into llama.cpp's output buffer (valid until the next decode):
     an acceptance rule reads the rows it needs, and nothing is copied."""
@@ -57,12 +69,7 @@ class LlamaBackend:
         self.n_slots = n_slots
         self.ctx_per_slot = ctx_per_slot
         self.max_batch_tokens = n_batch
-        quiet_llama_logs()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self._model:
-            raise BackendError(f"llama.cpp could not load {model_path}")
+        self._model = load_model(model_path, n_gpu_layers)
         self.tokenizer = LlamaTokenizer(self._model)
         self.n_params = int(llama_cpp.llama_model_n_params(self._model))
 

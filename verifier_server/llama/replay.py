@@ -21,9 +21,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
+from shared.llama_tokenizer import LlamaTokenizer
 from verifier_server.acceptance import LogitRows
-from verifier_server.llama.backend import BackendError
+from verifier_server.llama.backend import load_model
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import TargetTokenizer
 
@@ -68,12 +68,7 @@ class ReplayBackend:
 
     def __init__(self, model_path: Path, model_name: str, recordings: list[list[int]], n_slots: int = 8,
                  ctx_per_slot: int = 2048, n_batch: int = 512, n_params: int = 0) -> None:
-        quiet_llama_logs()
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-        if not self._model:
-            raise BackendError(f"llama.cpp could not load the vocabulary of {model_path}")
+        self._model: llama_cpp.llama_model_p | None = load_model(model_path, vocab_only=True)
         self._tokenizer = LlamaTokenizer(self._model)
         self.model_name = f"{model_name} (replayed)"
         self.n_slots, self.ctx_per_slot, self.max_batch_tokens = n_slots, ctx_per_slot, n_batch
