@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
                 "summary": result.summary(),
                 "round_latencies_s": [round(x, 6) for x in result.round_latencies_s],
                 "ids": result.ids,
-                "controller": result.decisions,
             })
 
 

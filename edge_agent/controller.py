@@ -60,6 +60,22 @@ def _ema(old: float | None, new: float) -> float:
 
 
 @dataclass
+class _Throughput:
+    """Committed tokens per second of the device's wall time, all costs included, over recent rounds
+    of one kind (averaged as tokens over seconds, so that long rounds weigh what they cost)."""
+
+    tokens: float | None = None
+    seconds: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.tokens, self.seconds = _ema(self.tokens, tokens), _ema(self.seconds, seconds)
+
+    @property
+    def rate(self) -> float | None:
+        return None if self.tokens is None or not self.seconds else self.tokens / self.seconds
+
+
+@dataclass
 class Decision:
     """One round's choice, for the agent's ``--json`` output."""
 
@@ -87,8 +103,8 @@ class DraftController:
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
     lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
-    # measured committed tokens and wall seconds of rounds without (False) and with (True) a draft
-    measured: dict[bool, tuple[float, float]] = field(default_factory=dict)
+    plain: _Throughput = field(default_factory=_Throughput)  # measured: rounds without a draft
+    drafting: _Throughput = field(default_factory=_Throughput)  # and rounds with one
     decisions: int = 0
     observed: int = 0  # rounds with a draft, measured
 
@@ -107,9 +123,6 @@ class DraftController:
             out.append(estimate)
         return out
 
-    def acceptance(self, j: int) -> float:
-        return self.acceptances()[j]
-
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
                 server_s: float, target_tokens: int, ready: int = 0, committed: int = 0,
                 wall_s: float = 0.0) -> None:
@@ -119,8 +132,7 @@ class DraftController:
         the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates;
         ``committed`` target tokens in ``wall_s`` of the device's time, all included."""
         if wall_s > 0:
-            tokens, seconds = self.measured.get(drafted > 0, (float(committed), wall_s))
-            self.measured[drafted > 0] = (_ema(tokens, committed), _ema(seconds, wall_s))
+            (self.drafting if drafted else self.plain).observe(committed, wall_s)
         self.observed += drafted > 0
         for j in range(min(drafted, self.cap)):
             if j > accepted:
@@ -187,23 +199,16 @@ class DraftController:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         reaches = self.reaches()
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
-        drafted = self.measured_rate(True)
+        drafted = self.drafting.rate
         close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
         if close and not explore and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2
                                       or self.plain_measures_faster()):
             best = 0  # a round without a draft: measured now and then, and taken while it is faster
         return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
 
-    def measured_rate(self, drafted: bool) -> float | None:
-        """Committed tokens per second of wall time of rounds with (or without) a draft."""
-        if drafted not in self.measured:
-            return None
-        tokens, seconds = self.measured[drafted]
-        return tokens / seconds
-
     def plain_measures_faster(self) -> bool:
         """Whether rounds without a draft have committed more tokens per second than rounds with."""
-        plain, drafted = self.measured_rate(False), self.measured_rate(True)
+        plain, drafted = self.plain.rate, self.drafting.rate
         return plain is not None and drafted is not None and plain > drafted
 
     def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:

@@ -32,7 +32,7 @@ def test_a_slow_drafter_and_poor_acceptance_ask_for_short_drafts():
     feed(c, 30, drafted=6, accepted=0, step_ms=50, rtt_ms=5, server_ms=20)
     decision = c.choose(12)
     assert decision.k <= 1
-    assert c.acceptance(0) < 0.1
+    assert c.acceptances()[0] < 0.1
 
 
 def test_the_best_length_grows_with_the_round_trip():

@@ -22,6 +22,7 @@ import llama_cpp
 import numpy as np
 
 from shared.llama_tokenizer import LlamaTokenizer
+from shared.utf8 import common_prefix_len
 from verifier_server.acceptance import LogitRows
 from verifier_server.llama.backend import load_model
 from verifier_server.llama.forward import ForwardItem
@@ -67,12 +68,12 @@ class ReplayBackend:
     name = "replay"
 
     def __init__(self, model_path: Path, model_name: str, recordings: list[list[int]], n_slots: int = 8,
-                 ctx_per_slot: int = 2048, n_batch: int = 512, n_params: int = 0) -> None:
+                 ctx_per_slot: int = 2048, n_batch: int = 512) -> None:
         self._model: llama_cpp.llama_model_p | None = load_model(model_path, vocab_only=True)
         self._tokenizer = LlamaTokenizer(self._model)
         self.model_name = f"{model_name} (replayed)"
         self.n_slots, self.ctx_per_slot, self.max_batch_tokens = n_slots, ctx_per_slot, n_batch
-        self.n_params = n_params
+        self.n_params = 0  # no weights are loaded
         self.recordings = recordings
         self.held: list[list[int]] = [[] for _ in range(n_slots)]
 
@@ -80,22 +81,19 @@ class ReplayBackend:
     def tokenizer(self) -> TargetTokenizer:
         return self._tokenizer
 
-    def next_token(self, context: Sequence[int]) -> int:
-        """The recorded token after ``context``, or end-of-generation where none is recorded."""
-        n = len(context)
-        for ids in self.recordings:
-            if len(ids) > n and ids[:n] == list(context):
-                return ids[n]
-        return self._tokenizer.eos
-
     def forward(self, items: Sequence[ForwardItem]) -> list[LogitRows]:
+        """Per item, the recording that agrees longest with what the slot holds: a row's context
+        that lies within that agreement is recorded (greedy decoding gives one continuation per
+        context), and its next token is the recording's."""
         out: list[LogitRows] = []
         for it in items:
             held = self.held[it.slot]
             del held[it.pos :]
             held += it.tokens
-            end = len(held)
-            nexts = [self.next_token(held[: end - i]) for i in range(it.n_logits - 1, -1, -1)]
+            ids = max(self.recordings, key=lambda r: common_prefix_len(r, held), default=[])
+            agree = common_prefix_len(ids, held)
+            nexts = [ids[p + 1] if p < agree and p + 1 < len(ids) else self._tokenizer.eos
+                     for p in range(len(held) - it.n_logits, len(held))]
             out.append(_OneHotRows(nexts, self._tokenizer.n_vocab))
         return out
 
