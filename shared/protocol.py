@@ -93,10 +93,18 @@ class VerifyRequest(_Message):
 
     A TLI round (token-level intersection, sampled sessions) also sends the draft as target ids,
     each with the distribution q' the drafter sampled it from; ``draft`` must then be their bytes.
+
+    A *chained* round is sent before the previous round's answer has come back (pipelined
+    drafting: two rounds in flight). Its ``draft`` continues the text the device had before that
+    answer, betting that the answer commits a prefix of it; the verifier drafts with what follows
+    the answer's text. When the draft does not start with that text (the bet lost), or the round
+    did not arrive right after the one it follows, the round is *stale*: it commits nothing and
+    does not use up its number, which the device then sends again with a fresh draft.
     """
 
     round: int = Field(ge=1)
     draft: bytes = b""
+    chained: bool = False
     draft_ids: list[int] | None = None
     proposals: list[Proposal] | None = None
 
@@ -106,6 +114,8 @@ class VerifyRequest(_Message):
             raise ValueError("a TLI round gives both 'draft_ids' and 'proposals', or neither")
         if self.draft_ids is None or self.proposals is None:
             return self
+        if self.chained:
+            raise ValueError("a TLI round cannot be chained")
         if len(self.draft_ids) != len(self.proposals):
             raise ValueError(f"{len(self.draft_ids)} draft_ids but {len(self.proposals)} proposals")
         for i, (token, q) in enumerate(zip(self.draft_ids, self.proposals)):
@@ -141,6 +151,8 @@ class VerifyResponse(_Message):
     # Seconds the round spent in the verifier (queue and forward pass included): the device's
     # draft controller tells network time from server time with it.
     server_s: float = 0.0
+    # A chained round whose bet lost: nothing committed, the round number is still free.
+    stale: bool = False
 
 
 class Limits(_Message):

@@ -156,6 +156,31 @@ def test_a_retried_round_gets_the_same_answer_and_rounds_stay_in_order():
     assert again == first and rounds == 1
 
 
+def test_a_chained_round_continues_the_answer_it_bet_on_or_is_stale_and_commits_nothing():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        # Round 2 is sent while round 1 ("abc") is in flight, betting on "abc" + bonus "d".
+        runner.gate.clear()
+        first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"abc")))
+        await asyncio.sleep(0.01)
+        won = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2, draft=b"abcdefg", chained=True)))
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        answers = [await first, await won]
+        # The bet on round 3 loses ("xyz" is not the target's): stale, and 3 is still free.
+        lost = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=True))
+        early = await engine.verify(sid, VerifyRequest(round=4, draft=b"h", chained=True))  # round 3 not done
+        fresh = await engine.verify(sid, VerifyRequest(round=3, draft=b"ijk"))
+        again = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=True))  # a late copy
+        return answers, lost, early, fresh, again, runner.rounds
+
+    (a1, a2), lost, early, fresh, again, rounds = run("abcdefghijkl", scenario)
+    assert a1.text == b"abcd" and a2.text == b"efgh" and a2.accepted_bytes == 3 and not a2.stale
+    assert lost.stale and early.stale and lost.text == b"" and lost.committed_tokens == 8
+    assert fresh.text == b"ijkl" and fresh.round == 3 and not fresh.stale and again == fresh
+    assert rounds == 3  # stale rounds never reach the model
+
+
 def test_a_stop_string_inside_a_draft_ends_the_generation_and_is_not_sent():
     async def scenario(engine, runner):
         sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64, stop=["END"]))).session_id

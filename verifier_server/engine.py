@@ -103,11 +103,14 @@ class RoundRecord:
     committed_tokens: int
     seconds: float  # in the engine, the wait for a pass included
     replayed: bool = False  # a retry answered from the last response
+    stale: bool = False  # a chained round whose bet lost
 
     @property
     def outcome(self) -> str:
         if self.replayed:
             return "replayed"
+        if self.stale:
+            return "stale"
         if self.draft_tokens == 0:
             return "no_draft"
         if self.accepted_tokens == self.draft_tokens:
@@ -152,7 +155,8 @@ class Engine:
             n_vocab=tok.n_vocab,
             tokenizer=tok.kind,
             chat_template=tok.chat_template is not None,
-            capabilities=["greedy", "sample-slem", "sample-tli", "chat", "stop", "resume", "draft-hint", "idempotent-create"],
+            capabilities=["greedy", "sample-slem", "sample-tli", "chat", "stop", "resume", "draft-hint", "idempotent-create",
+                          "chained-rounds"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
@@ -316,15 +320,21 @@ class Engine:
         if s.last is not None and req.round == s.round:
             self._record(RoundRecord(s.owner, 0, 0, 0, 0.0, replayed=True))
             return s.last  # a retry: same answer, nothing committed twice
-        if req.round != s.round + 1:
-            raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
         if len(req.draft) > self.config.max_draft_bytes:
             raise TooLarge(
                 f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
             )
+        sent = req.draft  # the draft after the text the device holds
+        if req.chained:
+            if req.round != s.round + 1 or s.last is None or s.finished or not sent.startswith(s.last.text):
+                self._record(RoundRecord(s.owner, 0, 0, 0, time.perf_counter() - t0, stale=True))
+                return self._stale(s, req)
+            sent = sent[len(s.last.text) :]  # what the device drafted past the answer it bet on
+        if req.round != s.round + 1:
+            raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
         if s.finished:  # finished at creation (a resumed session that had already ended)
-            return self._respond(s, req, [], 0, 0)
-        draft = req.draft[: complete_prefix_len(req.draft)]
+            return self._respond(s, req, sent, [], 0, 0)
+        draft = sent[: complete_prefix_len(sent)]
         # The device's text ends where the last answer did; bytes committed but held back
         # since (an incomplete character, a possible stop string) must open the draft.
         pending = bytes(s.text[s.sent :])
@@ -342,7 +352,7 @@ class Engine:
         old = len(s.ids)
         self._commit(s, candidates[: outcome.accepted] + [outcome.token])
         self.committed_tokens += len(s.ids) - old
-        resp = self._respond(s, req, s.ids[old:], len(candidates), outcome.accepted)
+        resp = self._respond(s, req, sent, s.ids[old:], len(candidates), outcome.accepted)
         elapsed = time.perf_counter() - t0
         resp.server_s = round(elapsed, 6)
         self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
@@ -404,13 +414,22 @@ class Engine:
             return 0
         return recommend(s.history, self.runner.round_cost(), self.config.max_draft_tokens)
 
-    def _respond(self, s: Session, req: VerifyRequest, new_ids: list[int], n_cand: int, n_acc: int) -> VerifyResponse:
+    def _stale(self, s: Session, req: VerifyRequest) -> VerifyResponse:
+        """The answer to a chained round whose bet lost: nothing committed, nothing remembered."""
+        return VerifyResponse(round=req.round, text=b"", ids=[], accepted_bytes=0, draft_tokens=0,
+                              accepted_tokens=0, committed_tokens=s.generated, finished=s.finished,
+                              finish_reason=s.finish_reason, draft_hint=self._hint(s), stale=True)
+
+    def _respond(self, s: Session, req: VerifyRequest, draft: bytes, new_ids: list[int], n_cand: int,
+                 n_acc: int) -> VerifyResponse:
+        """The round's answer; ``draft`` is the draft as the round used it (a chained round's,
+        past the answer it bet on), which ``accepted_bytes`` counts in."""
         end = s.sendable_end()
         resp = VerifyResponse(
             round=req.round,
             text=bytes(s.text[s.sent : end]),
             ids=new_ids,
-            accepted_bytes=common_prefix_len(s.text[s.sent :], req.draft),
+            accepted_bytes=common_prefix_len(s.text[s.sent :], draft),
             draft_tokens=n_cand,
             accepted_tokens=n_acc,
             committed_tokens=s.generated,

@@ -80,7 +80,7 @@ class Metrics:
 
     def observe_round(self, rec: RoundRecord) -> None:
         self.rounds.labels(rec.outcome).inc()
-        if rec.replayed:
+        if rec.replayed or rec.stale:  # nothing verified
             return
         self.round_seconds.observe(rec.seconds)
         self.device_rounds.labels(rec.device).inc()
