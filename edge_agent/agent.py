@@ -6,7 +6,7 @@ import operator
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Literal
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from edge_agent.client import VerifierClient, VerifierError
-from edge_agent.controller import DraftController
+from edge_agent.controller import DraftController, chained_draft
 from edge_agent.tli import TliProposer, tli_map
 from shared.alignment import accepted_pieces
 from shared.protocol import ChatMessage, FinishReason, SamplingOptions, SessionCreate, SessionCreated, VerifyResponse
@@ -55,6 +55,8 @@ class GenerationResult:
     ahead_drafted: int = 0  # pipelined drafting: tokens drafted while rounds were in flight
     ahead_used: int = 0  # of those, tokens that opened the next round's draft
     ahead_rounds: int = 0  # rounds whose draft opened with such tokens
+    chained_rounds: int = 0  # rounds sent before the previous answer (see VerifyRequest.chained), answered
+    stale_rounds: int = 0  # chained rounds whose bet lost: sent, nothing committed
     sources: dict[str, int] = field(default_factory=dict)  # rounds opened by each draft source
     decisions: list[dict] = field(default_factory=list)  # the draft controller's, round by round
 
@@ -81,7 +83,8 @@ class GenerationResult:
             "seed": self.seed,
             "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
             if self.tli_mass_inside else None,
-            "lookahead": {"drafted": self.ahead_drafted, "used": self.ahead_used, "rounds": self.ahead_rounds},
+            "lookahead": {"drafted": self.ahead_drafted, "used": self.ahead_used, "rounds": self.ahead_rounds,
+                          "chained": self.chained_rounds, "stale": self.stale_rounds},
             "sources": self.sources,
         }
 
@@ -120,11 +123,29 @@ def _replica_lost(e: VerifierError) -> bool:
     return e.status == 0 or e.status == 404 or e.status >= 500
 
 
+@dataclass
+class _Chained:
+    """A round sent while the round before it was in flight, betting that the answer to that one
+    commits a prefix of ``text`` (see ``VerifyRequest.chained``)."""
+
+    round_no: int
+    text: bytes  # its draft: the previous round's, then the look-ahead
+    future: Future[VerifyResponse]
+    sent_at: float
+
+    def continues(self, answer: VerifyResponse) -> bool:
+        """Whether the bet held for ``answer``. The verifier checks the same, so a round whose bet
+        lost is left to its stale answer: it commits nothing, whenever it arrives (a late copy of
+        a round number already used is stale too, or the answer already given)."""
+        return not answer.finished and self.text.startswith(answer.text)
+
+
 @functools.cache
 def _rounds_in_flight() -> ThreadPoolExecutor:
     """The threads that carry pipelined rounds while their agents draft on: one pool per process,
-    shared by every agent in it (the daemon runs several)."""
-    return ThreadPoolExecutor(thread_name_prefix="sled-round")
+    shared by every agent in it (the daemon runs several), with room for a few rounds in flight
+    (chained ones, stale ones not waited for) per agent."""
+    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="sled-round")
 
 
 def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:
@@ -138,7 +159,9 @@ def as_source(drafter: Drafter | DraftSource | None) -> DraftSource | None:
 class Agent:
     """Generates through the verifier. ``adaptive`` sizes each draft with a ``DraftController``
     (learned per device, so kept across generations: pass ``controller`` to keep one across
-    agents); ``pipelined`` drafts ahead while a round is in flight (GGUF drafters, plain drafts)."""
+    agents); ``pipelined`` drafts ahead while a round is in flight (GGUF drafters, plain drafts),
+    and where the verifier takes chained rounds, sends what it drafted ahead as the next round
+    before the answer is back: two rounds in flight."""
 
     def __init__(
         self,
@@ -203,15 +226,49 @@ class Agent:
                 return Draft([self.model.drafter.tokenizer.piece(t) for t in ids], source="gguf"), tli
         return self.source.propose(k, stop), None
 
-    def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None,
-                result: GenerationResult) -> VerifyResponse:
-        """Send the round; with pipelined drafting, draft on while it is in flight."""
-        args = (session, round_no, draft.text, tli.target_ids if tli else None, tli.proposals if tli else None)
-        if not self.pipelined or self.model is None or tli is not None or not draft.pieces:
-            return self.client.verify(*args)
-        future = _rounds_in_flight().submit(self.client.verify, *args)
-        result.ahead_drafted += self.model.look_ahead(lambda: not future.done(), self.draft_tokens)
-        return future.result()
+    def _can_chain(self) -> bool:
+        try:
+            return "chained-rounds" in self.client.capabilities()
+        except VerifierError:
+            return False
+
+    def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None, result: GenerationResult,
+                future: Future[VerifyResponse] | None = None) -> tuple[VerifyResponse, _Chained | None]:
+        """The answer to the round (sent now, or already in flight as ``future``). Pipelined, the
+        drafter drafts on while it is in flight, and once it is a bet (the bonus token's guess) and
+        a draft ahead, sends that as a chained round, returned with the answer."""
+        model = self.model
+        looks_ahead = self.pipelined and model is not None and tli is None and bool(model.sent)
+        if future is None:
+            args = (session, round_no, draft.text, tli.target_ids if tli else None, tli.proposals if tli else None)
+            if not looks_ahead:
+                return self.client.verify(*args), None
+            future = _rounds_in_flight().submit(self.client.verify, *args)
+        if not looks_ahead or model is None:
+            return future.result(), None
+        chain: _Chained | None = None
+        bet = min(chained_draft(len(draft.pieces)) + 1, self.draft_tokens) if self._can_chain() else 0
+
+        def in_flight() -> bool:
+            nonlocal chain
+            if future.done():
+                return False
+            if bet and chain is None and len(model.ahead) >= bet:
+                text = draft.text + model.ahead_text(bet)
+                chain = _Chained(round_no + 1, text, _rounds_in_flight().submit(
+                    self.client.verify, session, round_no + 1, text, chained=True), time.perf_counter())
+            return True
+
+        result.ahead_drafted += model.look_ahead(in_flight, self.draft_tokens)
+        return future.result(), chain
+
+    def _chained_draft(self, chain: _Chained, answer: VerifyResponse) -> Draft:
+        """The draft of a chained round whose bet held: what it sent past the committed text."""
+        from edge_agent.drafting import Draft
+
+        text = chain.text[len(answer.text) :]
+        assert self.model is not None  # only a model's look-ahead chains
+        return self.model.take_sent(text) or Draft([text] if text else [], source=self.model.name)
 
     def generate(
         self,
@@ -240,28 +297,38 @@ class Agent:
         if self.source is not None:
             self.source.start(prompt, messages)
         tli_mapping = self._tli_mapping(request)
+        chain: _Chained | None = None  # a round in flight behind the one answered last
+        last: VerifyResponse | None = None
         try:
             while True:
-                k = length.for_hint(hint) if self.follow_hint else self.draft_tokens
-                proposer = None
-                if tli_mapping is not None:
-                    rng = np.random.default_rng([created.seed or 0, len(result.ids)])
-                    proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
-                stop_at: Callable[[float], bool] | None = None
                 t_start = time.perf_counter()
-                if self.controller is not None and proposer is None:
-                    decision = self.controller.choose(k, free_steps=self._carried())
-                    result.decisions.append(decision.as_dict())
-                    k = decision.k
-                    stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
-                t_draft = time.perf_counter()
-                draft, tli = self._draft(k, proposer, stop_at)
-                draft_s = time.perf_counter() - t_draft
-                if proposer is not None:
-                    result.tli_mass_inside += proposer.mass_inside
-                t_round = time.perf_counter()
+                future: Future[VerifyResponse] | None = None
+                tli: TliProposer | None = None
+                if chain is not None and last is not None and chain.continues(last):
+                    draft, draft_s = self._chained_draft(chain, last), 0.0
+                    future, t_round = chain.future, chain.sent_at
+                else:
+                    k = length.for_hint(hint) if self.follow_hint else self.draft_tokens
+                    proposer = None
+                    if tli_mapping is not None:
+                        rng = np.random.default_rng([created.seed or 0, len(result.ids)])
+                        proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
+                    stop_at: Callable[[float], bool] | None = None
+                    if self.controller is not None and proposer is None:
+                        decision = self.controller.choose(k, free_steps=self._carried())
+                        result.decisions.append(decision.as_dict())
+                        k = decision.k
+                        stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
+                    t_draft = time.perf_counter()
+                    draft, tli = self._draft(k, proposer, stop_at)
+                    draft_s = time.perf_counter() - t_draft
+                    if proposer is not None:
+                        result.tli_mass_inside += proposer.mass_inside
+                    result.stale_rounds += chain is not None  # its bet lost
+                    t_round = time.perf_counter()
+                chain = None
                 try:
-                    resp = self._verify(session, round_no, draft, tli, result)
+                    resp, chain = self._verify(session, round_no, draft, tli, result, future)
                 except VerifierError as e:
                     if not _replica_lost(e):
                         raise
@@ -275,9 +342,15 @@ class Agent:
                     session, round_no = self._open(resumed, result).session_id, 1
                     result.resumed += 1
                     continue
+                if resp.stale:  # a chained round that overtook the round it bet on: send it again
+                    result.stale_rounds += 1
+                    if self.source is not None:
+                        self.source.commit(b"")
+                    continue
                 latency = time.perf_counter() - t_round
                 result.round_latencies_s.append(latency)
                 result.rounds += 1
+                result.chained_rounds += future is not None
                 accepted = accepted_pieces(draft.pieces, resp.accepted_bytes)
                 self._account(result, draft, accepted)
                 length.observe(len(draft.pieces), resp.draft_tokens)
@@ -290,8 +363,8 @@ class Agent:
                 if self.controller is not None and tli is None:
                     self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
                                             resp.server_s, resp.draft_tokens, draft.ready, len(resp.ids),
-                                            time.perf_counter() - t_start)
-                hint, round_no = resp.draft_hint, round_no + 1
+                                            time.perf_counter() - t_start, chained=future is not None)
+                hint, round_no, last = resp.draft_hint, round_no + 1, resp
                 if resp.finished:
                     result.finish_reason = resp.finish_reason
                     break

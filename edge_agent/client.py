@@ -80,6 +80,7 @@ class VerifierClient:
             for url in self.urls
         ]
         self.current = start % len(self.urls)
+        self._capabilities: dict[int, frozenset[str]] = {}
 
     @property
     def base_url(self) -> str:
@@ -110,9 +111,15 @@ class VerifierClient:
     def create_session(self, req: SessionCreate) -> SessionCreated:
         return self._call("POST", "/sessions", req, SessionCreated)
 
+    def capabilities(self) -> frozenset[str]:
+        """What the current replica supports (asked once per replica)."""
+        if self.current not in self._capabilities:
+            self._capabilities[self.current] = frozenset(self.info().capabilities)
+        return self._capabilities[self.current]
+
     def verify(self, session_id: str, round_no: int, draft: bytes, draft_ids: list[int] | None = None,
-               proposals: list[Proposal] | None = None) -> VerifyResponse:
-        req = VerifyRequest(round=round_no, draft=draft, draft_ids=draft_ids, proposals=proposals)
+               proposals: list[Proposal] | None = None, chained: bool = False) -> VerifyResponse:
+        req = VerifyRequest(round=round_no, draft=draft, draft_ids=draft_ids, proposals=proposals, chained=chained)
         return self._call("POST", f"/sessions/{session_id}/verify", req, VerifyResponse)
 
     def vocabulary(self) -> Vocabulary:

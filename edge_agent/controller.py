@@ -26,6 +26,10 @@ look-ahead rounds while they keep being fully accepted":
 
 with p = reach(k+1), E_C and T_C a look-ahead round's tokens and time (its draft is as long as the
 in-flight time allows, no drafting time of its own), and q its own chance to be fully accepted.
+Where the verifier takes chained rounds (seen from the first one answered), the look-ahead does not
+wait for the answer: it is sent as the next round once a bet and ``chained_draft(k)`` tokens are
+drafted, so a look-ahead round costs those steps, T_C = (chained_draft(k) + 1) * step, not a
+round trip, and E_C, q are those of that length.
 
 The model leaves out what a round costs beyond drafting and the wire (re-tokenizing the answer,
 the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. So the
@@ -53,6 +57,13 @@ EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
+MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
+
+
+def chained_draft(k: int) -> int:
+    """The draft length of a round chained behind a round with a k-token draft: as long, at least
+    ``MIN_CHAINED_DRAFT`` (drafter tokens, after the bonus token's guess)."""
+    return max(k, MIN_CHAINED_DRAFT)
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -103,6 +114,7 @@ class DraftController:
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
     lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
+    chains: bool = False  # the look-ahead goes out as chained rounds (one has been answered)
     plain: _Throughput = field(default_factory=_Throughput)  # measured: rounds without a draft
     drafting: _Throughput = field(default_factory=_Throughput)  # and rounds with one
     decisions: int = 0
@@ -125,12 +137,14 @@ class DraftController:
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
                 server_s: float, target_tokens: int, ready: int = 0, committed: int = 0,
-                wall_s: float = 0.0) -> None:
+                wall_s: float = 0.0, chained: bool = False) -> None:
         """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
         for (``ready`` of the tokens were drafted ahead, at no cost), ``latency_s`` from sending to
         the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates;
-        ``committed`` target tokens in ``wall_s`` of the device's time, all included."""
+        ``committed`` target tokens in ``wall_s`` of the device's time, all included. A ``chained``
+        round waited in the verifier behind the round before it: its times say nothing of the
+        link's or the verifier's, only its acceptance and throughput count."""
         if wall_s > 0:
             (self.drafting if drafted else self.plain).observe(committed, wall_s)
         self.observed += drafted > 0
@@ -145,6 +159,9 @@ class DraftController:
             self.bin_accepted[b] += j < accepted
         if drafted > ready:
             self.step_s = _ema(self.step_s, draft_s / (drafted - ready))
+        if chained:
+            self.chains = True
+            return
         self.rtt_s = _ema(self.rtt_s, max(latency_s - server_s, 0.0))
         if target_tokens == 0 or self.server_base_s is None:
             self.server_base_s = _ema(self.server_base_s, server_s)
@@ -216,11 +233,16 @@ class DraftController:
         docstring for the look-ahead chain)."""
         tokens, seconds = self.expected_tokens(k, reaches), self.round_s(k, free_steps)
         if self.lookahead and k and self.step_s:
-            in_flight = self.round_s(k, k)  # round trip and verifier: what the look-ahead has
-            ahead = min(limit, int(in_flight / self.step_s)) - 1  # its first token is the bonus's
+            if self.chains:
+                ahead = min(chained_draft(k), limit - 1)
+                ahead_s = (ahead + 1) * self.step_s
+            else:
+                in_flight = self.round_s(k, k)  # round trip and verifier: what the look-ahead has
+                ahead = min(limit, int(in_flight / self.step_s)) - 1  # its first token is the bonus's
+                ahead_s = self.round_s(ahead, ahead)
             if ahead > 0:
                 p, q = reaches[k + 1], reaches[ahead + 1]
                 r = p / max(1.0 - q, 1e-3)
                 tokens += r * self.expected_tokens(ahead, reaches)
-                seconds += r * self.round_s(ahead, ahead)
+                seconds += r * ahead_s
         return tokens / max(seconds, 1e-9)

@@ -4,7 +4,8 @@
   the draft controller, and *pipelined drafting*: while a round is in flight it keeps drafting as
   if the whole draft will be accepted. When the committed text is a prefix of what it drafted
   ahead, the rest is the exact greedy continuation of the new context (same tokens, same KV
-  state), so the next draft starts with it for free; otherwise it is dropped.
+  state), so the next draft starts with it for free (or was already sent, in a chained round);
+  otherwise it is dropped.
 - ``NgramSource``: the model-free n-gram table (``edge_agent.ngram``); its tokens are bytes.
 - ``HierarchicalSource`` (``ngram+NAME``): the n-gram proposal when it is long (a match of the
   long context) and confident (its measured acceptance, scored every round whether it was used or
@@ -86,6 +87,8 @@ class ModelSource:
             ready.append((tok, conf))
         ids = [t for t, _ in ready]
         confidences = [c for _, c in ready]
+        # What was drafted ahead beyond this draft stays its continuation: the next look-ahead goes on from it.
+        self.ahead = carried[len(ready) :] if len(ids) == len(ready) else []
         if not stopped and k > len(ids):
             more, more_conf = self.drafter.greedy(k - len(ids), after=ids, stop=stop)
             ids += more
@@ -94,17 +97,39 @@ class ModelSource:
         pieces = [self.drafter.tokenizer.piece(t) for t in ids]
         return Draft(pieces, confidences, self.name, ready=len(ready))
 
+    def take_sent(self, text: bytes) -> Draft | None:
+        """The draft of a chained round, already sent: ``text``, the bytes of the leading tokens
+        carried over from the look-ahead. None (and the look-ahead dropped) where the committed
+        text cut one of those tokens: the round's draft then is not a run of drafter tokens."""
+        carried, self.carried = self.carried, []
+        piece = self.drafter.tokenizer.piece
+        n, size = 0, 0
+        while size < len(text) and n < len(carried):
+            size += len(piece(carried[n][0]))
+            n += 1
+        if size != len(text) or b"".join(piece(t) for t, _ in carried[:n]) != text:
+            self.sent, self.ahead = [], []
+            return None
+        self.sent, self.ahead = carried[:n], carried[n:]
+        return Draft([piece(t) for t, _ in self.sent], [c for _, c in self.sent], self.name, ready=n)
+
+    def ahead_text(self, n: int) -> bytes:
+        """The first ``n`` tokens drafted ahead, as bytes."""
+        return b"".join(self.drafter.tokenizer.piece(t) for t, _ in self.ahead[:n])
+
     def look_ahead(self, in_flight: Callable[[], bool], limit: int) -> int:
-        """Draft on after the draft in flight, one token at a time, until its answer arrives
-        (``in_flight`` turns false) or ``limit`` tokens; how many were drafted."""
-        self.ahead = []
+        """Draft on after the draft in flight (and what was drafted ahead of it already), one token
+        at a time, until its answer arrives (``in_flight`` turns false) or ``limit`` tokens are
+        ahead; how many it drafted."""
+        drafted = 0
         while in_flight() and len(self.ahead) < limit:
             context = [t for t, _ in self.sent + self.ahead]
             tok, conf = self.drafter.greedy(1, after=context, stop=lambda c: False)
             if not tok:
                 break
             self.ahead.append((tok[0], conf[0]))
-        return len(self.ahead)
+            drafted += 1
+        return drafted
 
     def commit(self, text: bytes) -> None:
         new = self.drafter.commit(text)
