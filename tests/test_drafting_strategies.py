@@ -44,15 +44,17 @@ def test_adaptive_and_pipelined_drafting_stay_lossless(server, drafter, referenc
     with VerifierClient(server.url) as client:
         agent = Agent(client, drafter("smollm2-135m"), draft_tokens=8, follow_hint=False, adaptive=True,
                       pipelined=True)
-        kinds, drafted, used, rounds = [], 0, 0, 0
+        kinds, drafted, used, rounds, chained, stale = [], 0, 0, 0, 0, 0
         for prompt in RAW[:3]:
             result = agent.generate(prompt, max_tokens=MAX_TOKENS)
             kinds.append(_check(backend, "adaptive+pipelined", prompt, None, result))
             drafted, used, rounds = drafted + result.ahead_drafted, used + result.ahead_used, rounds + result.rounds
+            chained, stale = chained + result.chained_rounds, stale + result.stale_rounds
             assert result.decisions and all(0 <= d["k"] <= 8 for d in result.decisions)
     assert drafted > 0  # it drafted while rounds were in flight
+    assert chained > 0  # and sent look-aheads as chained rounds that the verifier took
     LOSSLESS_REPORT.append(f"adaptive+pipelined (smollm2 -> {TARGET}): {kinds}; look-ahead drafted {drafted}, "
-                           f"used {used} tokens over {rounds} rounds")
+                           f"used {used} tokens over {rounds} rounds, {chained} of them chained ({stale} stale)")
 
 
 def test_the_ngram_drafter_needs_no_model_and_repeats_what_it_has_seen(server, reference_backend):
