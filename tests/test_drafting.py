@@ -71,6 +71,23 @@ def test_pipelined_a_draft_is_shorter_for_the_look_ahead_it_buys():
     assert pipelined.rate(short, 12, reaches) > plain.rate(short, 12, reaches)
 
 
+def test_chained_look_ahead_rounds_cost_drafting_steps_not_a_round_trip():
+    """Once a chained round has been answered, a look-ahead round is valued at the steps that
+    draft it, not at a round trip: each length then predicts a higher rate, and the chained
+    round's own times (it waited behind the round before it) leave the link's estimate alone."""
+    accepted = [j for j in range(12) for _ in range(round(100 * (0.8**j - 0.8 ** (j + 1))))]
+    waiting, chaining = DraftController(cap=12, lookahead=True), DraftController(cap=12, lookahead=True)
+    for c in (waiting, chaining):
+        for a in accepted:
+            c.observe(12, a, [0.9] * 12, draft_s=12 * 0.008, latency_s=0.105, server_s=0.022, target_tokens=12)
+    rtt = chaining.rtt_s
+    chaining.observe(4, 4, [0.9] * 4, draft_s=0.0, latency_s=0.5, server_s=0.02, target_tokens=4, ready=4,
+                     committed=5, wall_s=0.05, chained=True)
+    assert chaining.chains and not waiting.chains and chaining.rtt_s == rtt
+    reaches = chaining.reaches()
+    assert all(chaining.rate(k, 12, reaches) > waiting.rate(k, 12, reaches) for k in range(1, 12))
+
+
 def test_drafting_never_costs_the_plain_speed_that_rounds_measure():
     """A fast verifier on a short link: the model predicts a small gain from drafting, so measured
     rates decide. Rounds without a draft are sent now and then, and win when they measure faster."""
