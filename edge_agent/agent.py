@@ -233,10 +233,12 @@ class Agent:
             return False
 
     def _verify(self, session: str, round_no: int, draft: Draft, tli: TliProposer | None, result: GenerationResult,
-                future: Future[VerifyResponse] | None = None) -> tuple[VerifyResponse, _Chained | None]:
+                cap: int, future: Future[VerifyResponse] | None = None) -> tuple[VerifyResponse, _Chained | None]:
         """The answer to the round (sent now, or already in flight as ``future``). Pipelined, the
-        drafter drafts on while it is in flight, and once it is a bet (the bonus token's guess) and
-        a draft ahead, sends that as a chained round, returned with the answer."""
+        drafter drafts on while it is in flight, and once it has a bet (the bonus token's guess)
+        and a draft ahead of up to ``cap`` tokens (the hint's), sends them as a chained round,
+        returned with the answer. A round without a draft, or a chained draft that the committed
+        text cut inside a drafter token (no token view to draft on from), is only awaited."""
         model = self.model
         looks_ahead = self.pipelined and model is not None and tli is None and bool(model.sent)
         if future is None:
@@ -247,7 +249,8 @@ class Agent:
         if not looks_ahead or model is None:
             return future.result(), None
         chain: _Chained | None = None
-        bet = min(chained_draft(len(draft.pieces)) + 1, self.draft_tokens) if self._can_chain() else 0
+        ahead = min(chained_draft(len(draft.pieces)), cap, self.draft_tokens - 1) if self._can_chain() else 0
+        bet = ahead + 1 if ahead > 0 else 0  # the bonus token's guess, then the chained draft
 
         def in_flight() -> bool:
             nonlocal chain
@@ -304,11 +307,12 @@ class Agent:
                 t_start = time.perf_counter()
                 future: Future[VerifyResponse] | None = None
                 tli: TliProposer | None = None
+                cap = length.for_hint(hint) if self.follow_hint else self.draft_tokens
                 if chain is not None and last is not None and chain.continues(last):
                     draft, draft_s = self._chained_draft(chain, last), 0.0
                     future, t_round = chain.future, chain.sent_at
                 else:
-                    k = length.for_hint(hint) if self.follow_hint else self.draft_tokens
+                    k = cap
                     proposer = None
                     if tli_mapping is not None:
                         rng = np.random.default_rng([created.seed or 0, len(result.ids)])
@@ -328,7 +332,7 @@ class Agent:
                     t_round = time.perf_counter()
                 chain = None
                 try:
-                    resp, chain = self._verify(session, round_no, draft, tli, result, future)
+                    resp, chain = self._verify(session, round_no, draft, tli, result, cap, future)
                 except VerifierError as e:
                     if not _replica_lost(e):
                         raise
