@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION = 1
+MAX_CHAINED = 3  # unanswered rounds a chained round may follow: at most four rounds in flight
 API_PREFIX = "/v1"
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -94,17 +95,17 @@ class VerifyRequest(_Message):
     A TLI round (token-level intersection, sampled sessions) also sends the draft as target ids,
     each with the distribution q' the drafter sampled it from; ``draft`` must then be their bytes.
 
-    A *chained* round is sent before the previous round's answer has come back (pipelined
-    drafting: two rounds in flight). Its ``draft`` continues the text the device had before that
-    answer, betting that the answer commits a prefix of it; the verifier drafts with what follows
-    the answer's text. When the draft does not start with that text (the bet lost), or the round
-    did not arrive right after the one it follows, the round is *stale*: it commits nothing and
-    does not use up its number, which the device then sends again with a fresh draft.
+    A *chained* round is sent before the answers to the ``chained`` rounds before it have come
+    back (pipelined drafting: several rounds in flight). Its ``draft`` continues the text the
+    device had before those answers, betting that they commit a prefix of it; the verifier drafts
+    with what follows their text. When the draft does not start with that text (the bet lost), or
+    the round did not arrive right after the one it follows, the round is *stale*: it commits
+    nothing and does not use up its number, which the device then sends again with a fresh draft.
     """
 
     round: int = Field(ge=1)
     draft: bytes = b""
-    chained: bool = False
+    chained: int = Field(default=0, ge=0, le=MAX_CHAINED)
     draft_ids: list[int] | None = None
     proposals: list[Proposal] | None = None
 

@@ -163,22 +163,27 @@ def test_a_chained_round_continues_the_answer_it_bet_on_or_is_stale_and_commits_
         runner.gate.clear()
         first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"abc")))
         await asyncio.sleep(0.01)
-        won = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2, draft=b"abcdefg", chained=True)))
+        won = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2, draft=b"abcdefg", chained=1)))
         await asyncio.sleep(0.01)
         runner.gate.set()
         answers = [await first, await won]
         # The bet on round 3 loses ("xyz" is not the target's): stale, and 3 is still free.
-        lost = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=True))
-        early = await engine.verify(sid, VerifyRequest(round=4, draft=b"h", chained=True))  # round 3 not done
+        lost = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=1))
+        early = await engine.verify(sid, VerifyRequest(round=4, draft=b"h", chained=1))  # round 3 not done
         fresh = await engine.verify(sid, VerifyRequest(round=3, draft=b"ijk"))
-        again = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=True))  # a late copy
-        return answers, lost, early, fresh, again, runner.rounds
+        again = await engine.verify(sid, VerifyRequest(round=3, draft=b"hxyz", chained=1))  # a late copy
+        # Rounds 5 and 6 sent behind round 4 before its answer: round 6 bets on the answers to 4 and 5.
+        deep = [await engine.verify(sid, VerifyRequest(round=4, draft=b"mn")),
+                await engine.verify(sid, VerifyRequest(round=5, draft=b"mnopq", chained=1)),
+                await engine.verify(sid, VerifyRequest(round=6, draft=b"mnopqrs", chained=2))]
+        return answers, lost, early, fresh, again, deep, runner.rounds
 
-    (a1, a2), lost, early, fresh, again, rounds = run("abcdefghijkl", scenario)
+    (a1, a2), lost, early, fresh, again, deep, rounds = run("abcdefghijklmnopqrs", scenario)
     assert a1.text == b"abcd" and a2.text == b"efgh" and a2.accepted_bytes == 3 and not a2.stale
     assert lost.stale and early.stale and lost.text == b"" and lost.committed_tokens == 8
     assert fresh.text == b"ijkl" and fresh.round == 3 and not fresh.stale and again == fresh
-    assert rounds == 3  # stale rounds never reach the model
+    assert [a.text for a in deep] == [b"mno", b"pqr", b"s"] and deep[2].accepted_bytes == 1 and deep[2].finished
+    assert rounds == 6  # stale rounds never reach the model
 
 
 def test_a_stop_string_inside_a_draft_ends_the_generation_and_is_not_sent():

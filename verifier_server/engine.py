@@ -244,6 +244,7 @@ class Engine:
         )
         self._commit(s, req.resume_ids)
         s.sent = s.sendable_end()
+        s.answered.append(s.sent)
         self.sessions[s.id] = s
         async with s.lock:
             try:
@@ -326,10 +327,11 @@ class Engine:
             )
         sent = req.draft  # the draft after the text the device holds
         if req.chained:
-            if req.round != s.round + 1 or s.last is None or s.finished or not sent.startswith(s.last.text):
+            bet = s.answered_text(req.chained) if req.round == s.round + 1 and not s.finished else None
+            if bet is None or not sent.startswith(bet):
                 self._record(RoundRecord(s.owner, 0, 0, 0, time.perf_counter() - t0, stale=True))
                 return self._stale(s, req)
-            sent = sent[len(s.last.text) :]  # what the device drafted past the answer it bet on
+            sent = sent[len(bet) :]  # what the device drafted past the answers it bet on
         if req.round != s.round + 1:
             raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
         if s.finished:  # finished at creation (a resumed session that had already ended)
@@ -438,6 +440,7 @@ class Engine:
             draft_hint=self._hint(s),
         )
         s.sent = end
+        s.answered.append(end)
         s.round = req.round
         s.last = resp
         self.rounds += 1

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
-from shared.protocol import FinishReason, VerifyResponse
+from shared.protocol import MAX_CHAINED, FinishReason, VerifyResponse
 from shared.sampling import GREEDY_SAMPLING, Sampling
 from shared.utf8 import complete_prefix_len
 from verifier_server.auth import ANONYMOUS
@@ -32,6 +33,8 @@ class Session:
     sent: int = 0  # how many bytes of ``text`` were returned to the device
     round: int = 0
     last: VerifyResponse | None = None
+    # ``sent`` before each of the last rounds and after the latest: where their answers' text lies
+    answered: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED + 1))
     finish_reason: FinishReason | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -65,6 +68,12 @@ class Session:
         """Earliest index in ``text`` where a stop string begins, searching from ``search_from``."""
         hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
         return min(hits) if hits else None
+
+    def answered_text(self, rounds: int) -> bytes | None:
+        """The text of the answers to the last ``rounds`` rounds (None: not that many yet)."""
+        if rounds >= len(self.answered):
+            return None
+        return bytes(self.text[self.answered[-1 - rounds] : self.answered[-1]])
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
