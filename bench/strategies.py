@@ -90,6 +90,9 @@ def _record(strategy: str, n: int, delay_ms: float, results: list[list[dict]], p
                                   / max(sum(x["summary"]["draft_tokens"] for x in lines), 1), 3),
         "lookahead_rounds_share": round(sum(a["rounds"] for a in ahead) / max(rounds, 1), 3),
         "lookahead_used_of_drafted": round(sum(a["used"] for a in ahead) / max(sum(a["drafted"] for a in ahead), 1), 3),
+        # rounds sent chained (before the previous answer) and answered, and those whose bet lost
+        "chained_rounds_share": round(sum(a["chained"] for a in ahead) / max(rounds, 1), 3),
+        "stale_per_round": round(sum(a["stale"] for a in ahead) / max(rounds, 1), 3),
         "sources": sources,
         "lossless_identical": tally.identical, "lossless_near_tie": tally.near_tie,
         "lossless_total": tally.total, "lossless_failures": tally.failures,
