@@ -87,8 +87,9 @@ class ModelSource:
             ready.append((tok, conf))
         ids = [t for t, _ in ready]
         confidences = [c for _, c in ready]
-        # What was drafted ahead beyond this draft stays its continuation: the next look-ahead goes on from it.
-        self.ahead = carried[len(ready) :] if len(ids) == len(ready) else []
+        # What was drafted ahead beyond this draft stays its continuation: the next look-ahead goes
+        # on from it (nothing is left when the draft needs more than was carried).
+        self.ahead = carried[len(ready) :]
         if not stopped and k > len(ids):
             more, more_conf = self.drafter.greedy(k - len(ids), after=ids, stop=stop)
             ids += more
