@@ -34,7 +34,7 @@ COUNTERS = {
     "sled:spec_decode_num_accepted_tokens_per_pos_total",  # {position="0".."15"}
     "sled:evictions_total",
     "sled:rebuilds_total",
-    "sled:rounds_total",  # {outcome}: accepted_all, accepted_some, rejected_all, no_draft, replayed
+    "sled:rounds_total",  # {outcome}: accepted_all, accepted_some, rejected_all, no_draft, replayed, stale
     "sled:http_requests_total",  # {route, status}
     "sled:rate_limited_total",  # {device}
     "sled:device_rounds_total",  # {device}

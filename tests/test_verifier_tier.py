@@ -4,6 +4,7 @@ on SIGTERM. Plus the pieces that need no model: the token bucket on a fake clock
 file's errors."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -177,6 +178,10 @@ def test_metrics_count_drafts_per_position_and_device(fleet):
     text = plain["text"]
     sid = _create(server.url, headers).json()["session_id"]
     httpx.post(f"{server.url}/v1/sessions/{sid}/verify", json={"round": 1, "draft": text}, headers=headers, timeout=60)
+    lost_bet = base64.b64encode(b"\x00 not the answer to round 1").decode()
+    stale = httpx.post(f"{server.url}/v1/sessions/{sid}/verify", json={"round": 2, "draft": lost_bet, "chained": 1},
+                       headers=headers, timeout=60).json()
+    assert stale["stale"] and stale["text"] == "" and stale["round"] == 2
     body = httpx.get(f"{server.url}/metrics", timeout=10).text
 
     def value(name: str) -> float:
@@ -188,6 +193,7 @@ def test_metrics_count_drafts_per_position_and_device(fleet):
     assert value('sled:device_committed_tokens_total{device="pi-kitchen"}') >= 2
     assert value("sled:forward_pass_seconds_count") >= 3 and value("sled:sessions_active") >= 2
     assert 'sled:rounds_total{outcome="no_draft"}' in body and 'sled:rounds_total{outcome="accepted_all"}' in body
+    assert value('sled:rounds_total{outcome="stale"}') == 1
     assert 'sled:http_requests_total{route="/v1/sessions/{session_id}/verify",status="200"}' in body
     for s in (created["session_id"], sid):
         httpx.delete(f"{server.url}/v1/sessions/{s}", headers=headers, timeout=10)
