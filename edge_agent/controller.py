@@ -29,7 +29,8 @@ in-flight time allows, no drafting time of its own), and q its own chance to be 
 Where the verifier takes chained rounds (seen from the first one answered), the look-ahead does not
 wait for the answer: it is sent as the next round once a bet and ``chained_draft(k)`` tokens are
 drafted, so a look-ahead round costs those steps, T_C = (chained_draft(k) + 1) * step, not a
-round trip, and E_C, q are those of that length.
+round trip (or the verifier's time for it, where that is longer: a chained round is verified
+after the round before it), and E_C, q are those of that length.
 
 The model leaves out what a round costs beyond drafting and the wire (re-tokenizing the answer,
 the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. So the
@@ -194,12 +195,14 @@ class DraftController:
     def expected_tokens(self, k: int, reaches: list[float] | None = None) -> float:
         return sum((reaches or self.reaches())[: k + 1])
 
+    def server_s(self, k: int) -> float:
+        """The verifier's time for a round with a k-token draft."""
+        return (self.server_base_s or 0.0) + self.server_per_token_s * k
+
     def round_s(self, k: int, free_steps: int = 0) -> float:
         """Wall time of a round with a k-token draft, ``free_steps`` of it drafted while the
         previous round was in flight."""
-        step = self.step_s or 0.0
-        server = (self.server_base_s or 0.0) + self.server_per_token_s * k
-        return max(k - free_steps, 0) * step + (self.rtt_s or 0.0) + server
+        return max(k - free_steps, 0) * (self.step_s or 0.0) + (self.rtt_s or 0.0) + self.server_s(k)
 
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
@@ -233,9 +236,9 @@ class DraftController:
         docstring for the look-ahead chain)."""
         tokens, seconds = self.expected_tokens(k, reaches), self.round_s(k, free_steps)
         if self.lookahead and k and self.step_s:
-            if self.chains:
+            if self.chains:  # its answer follows the previous one, no sooner than the verifier allows
                 ahead = min(chained_draft(k), limit - 1)
-                ahead_s = (ahead + 1) * self.step_s
+                ahead_s = max((ahead + 1) * self.step_s, self.server_s(ahead))
             else:
                 in_flight = self.round_s(k, k)  # round trip and verifier: what the look-ahead has
                 ahead = min(limit, int(in_flight / self.step_s)) - 1  # its first token is the bonus's
