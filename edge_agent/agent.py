@@ -366,7 +366,7 @@ class Agent:
                     result.stale_rounds += 1 + len(chains)
                     while chains:
                         chains.popleft().future.exception()
-                    if self.source is not None:
+                    if self.source is not None:  # nothing committed: its look-ahead state goes
                         self.source.commit(b"")
                     continue
                 latency = time.perf_counter() - t_round

@@ -115,7 +115,7 @@ class DraftController:
     server_base_s: float | None = None  # the verifier's time for a round without a draft
     server_per_token_s: float = 0.0  # and what each draft token adds
     lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
-    chains: bool = False  # the look-ahead goes out as chained rounds (one has been answered)
+    chained_lookahead: bool = False  # the look-ahead goes out as chained rounds (one has been answered)
     plain: _Throughput = field(default_factory=_Throughput)  # measured: rounds without a draft
     drafting: _Throughput = field(default_factory=_Throughput)  # and rounds with one
     decisions: int = 0
@@ -161,7 +161,7 @@ class DraftController:
         if drafted > ready:
             self.step_s = _ema(self.step_s, draft_s / (drafted - ready))
         if chained:
-            self.chains = True
+            self.chained_lookahead = True
             return
         self.rtt_s = _ema(self.rtt_s, max(latency_s - server_s, 0.0))
         if target_tokens == 0 or self.server_base_s is None:
@@ -236,7 +236,7 @@ class DraftController:
         docstring for the look-ahead chain)."""
         tokens, seconds = self.expected_tokens(k, reaches), self.round_s(k, free_steps)
         if self.lookahead and k and self.step_s:
-            if self.chains:  # its answer follows the previous one, no sooner than the verifier allows
+            if self.chained_lookahead:  # its answer follows the previous one, no sooner than the verifier allows
                 ahead = min(chained_draft(k), limit - 1)
                 ahead_s = max((ahead + 1) * self.step_s, self.server_s(ahead))
             else:

@@ -103,16 +103,13 @@ class ModelSource:
         carried over from the look-ahead. None (and the look-ahead dropped) where the committed
         text cut one of those tokens: the round's draft then is not a run of drafter tokens."""
         carried, self.carried = self.carried, []
-        piece = self.drafter.tokenizer.piece
-        n, size = 0, 0
-        while size < len(text) and n < len(carried):
-            size += len(piece(carried[n][0]))
-            n += 1
-        if size != len(text) or b"".join(piece(t) for t, _ in carried[:n]) != text:
+        pieces = [self.drafter.tokenizer.piece(t) for t, _ in carried]
+        n = accepted_pieces(pieces, len(text))
+        if b"".join(pieces[:n]) != text:
             self.sent, self.ahead = [], []
             return None
         self.sent, self.ahead = carried[:n], carried[n:]
-        return Draft([piece(t) for t, _ in self.sent], [c for _, c in self.sent], self.name, ready=n)
+        return Draft(pieces[:n], [c for _, c in self.sent], self.name, ready=n)
 
     def ahead_text(self, n: int) -> bytes:
         """The first ``n`` tokens drafted ahead, as bytes."""

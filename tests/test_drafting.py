@@ -83,7 +83,7 @@ def test_chained_look_ahead_rounds_cost_drafting_steps_not_a_round_trip():
     rtt = chaining.rtt_s
     chaining.observe(4, 4, [0.9] * 4, draft_s=0.0, latency_s=0.5, server_s=0.02, target_tokens=4, ready=4,
                      committed=5, wall_s=0.05, chained=True)
-    assert chaining.chains and not waiting.chains and chaining.rtt_s == rtt
+    assert chaining.chained_lookahead and not waiting.chained_lookahead and chaining.rtt_s == rtt
     reaches = chaining.reaches()
     assert all(chaining.rate(k, 12, reaches) > waiting.rate(k, 12, reaches) for k in range(1, 12))
 

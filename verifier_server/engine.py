@@ -244,7 +244,6 @@ class Engine:
         )
         self._commit(s, req.resume_ids)
         s.sent = s.sendable_end()
-        s.answered.append(s.sent)
         self.sessions[s.id] = s
         async with s.lock:
             try:
@@ -325,18 +324,18 @@ class Engine:
             raise TooLarge(
                 f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
             )
-        sent = req.draft  # the draft after the text the device holds
+        device_draft = req.draft  # after the text the device holds
         if req.chained:
             bet = s.answered_text(req.chained) if req.round == s.round + 1 and not s.finished else None
-            if bet is None or not sent.startswith(bet):
+            if bet is None or not device_draft.startswith(bet):
                 self._record(RoundRecord(s.owner, 0, 0, 0, time.perf_counter() - t0, stale=True))
                 return self._stale(s, req)
-            sent = sent[len(bet) :]  # what the device drafted past the answers it bet on
+            device_draft = device_draft[len(bet) :]  # what the device drafted past the answers it bet on
         if req.round != s.round + 1:
             raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
         if s.finished:  # finished at creation (a resumed session that had already ended)
-            return self._respond(s, req, sent, [], 0, 0)
-        draft = sent[: complete_prefix_len(sent)]
+            return self._respond(s, req, device_draft, [], 0, 0)
+        draft = device_draft[: complete_prefix_len(device_draft)]
         # The device's text ends where the last answer did; bytes committed but held back
         # since (an incomplete character, a possible stop string) must open the draft.
         pending = bytes(s.text[s.sent :])
@@ -354,7 +353,7 @@ class Engine:
         old = len(s.ids)
         self._commit(s, candidates[: outcome.accepted] + [outcome.token])
         self.committed_tokens += len(s.ids) - old
-        resp = self._respond(s, req, sent, s.ids[old:], len(candidates), outcome.accepted)
+        resp = self._respond(s, req, device_draft, s.ids[old:], len(candidates), outcome.accepted)
         elapsed = time.perf_counter() - t0
         resp.server_s = round(elapsed, 6)
         self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
@@ -439,8 +438,8 @@ class Engine:
             finish_reason=s.finish_reason,
             draft_hint=self._hint(s),
         )
+        s.answer_starts.append(s.sent)
         s.sent = end
-        s.answered.append(end)
         s.round = req.round
         s.last = resp
         self.rounds += 1

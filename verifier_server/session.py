@@ -33,8 +33,8 @@ class Session:
     sent: int = 0  # how many bytes of ``text`` were returned to the device
     round: int = 0
     last: VerifyResponse | None = None
-    # ``sent`` before each of the last rounds and after the latest: where their answers' text lies
-    answered: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED + 1))
+    # where the last rounds' answers begin in ``text`` (each ends where the next begins, the last at ``sent``)
+    answer_starts: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED))
     finish_reason: FinishReason | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -71,9 +71,9 @@ class Session:
 
     def answered_text(self, rounds: int) -> bytes | None:
         """The text of the answers to the last ``rounds`` rounds (None: not that many yet)."""
-        if rounds >= len(self.answered):
+        if rounds > len(self.answer_starts):
             return None
-        return bytes(self.text[self.answered[-1 - rounds] : self.answered[-1]])
+        return bytes(self.text[self.answer_starts[-rounds] : self.sent])
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
