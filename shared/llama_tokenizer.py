@@ -33,6 +33,23 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_errors_only, ctypes.c_void_p(0))
 
 
+class ModelLoadError(OSError):
+    """llama.cpp could not load a model file (or make a context for it)."""
+
+
+def load_model(path: os.PathLike[str] | str, n_gpu_layers: int = 0, vocab_only: bool = False) -> llama_cpp.llama_model_p:
+    """A GGUF model through llama.cpp (the drafter's, the target's); ``vocab_only``: its tokenizer
+    alone, without the weights."""
+    quiet_llama_logs()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.vocab_only = vocab_only
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load {path}")
+    return model
+
+
 class LlamaTokenizer:
     """The tokenizer of one loaded llama.cpp model: encode/decode bytes and render chat prompts.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from shared.llama_tokenizer import LlamaTokenizer, quiet_llama_logs
+from shared.llama_tokenizer import LlamaTokenizer, load_model
 from verifier_server.acceptance import LogitRows
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import RunnerError
@@ -21,18 +21,6 @@ from verifier_server.runner import RunnerError
 
 class BackendError(RunnerError):
     """The model could not be loaded or a forward pass failed."""
-
-
-def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> llama_cpp.llama_model_p:
-    """A GGUF model through llama.cpp; ``vocab_only``: its tokenizer alone, without the weights."""
-    quiet_llama_logs()
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = n_gpu_layers
-    params.vocab_only = vocab_only
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise BackendError(f"llama.cpp could not load {path}")
-    return model
 
 
 class _Rows:

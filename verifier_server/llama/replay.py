@@ -21,10 +21,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from shared.llama_tokenizer import LlamaTokenizer
+from shared.llama_tokenizer import LlamaTokenizer, load_model
 from shared.utf8 import common_prefix_len
 from verifier_server.acceptance import LogitRows
-from verifier_server.llama.backend import load_model
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import TargetTokenizer
 
