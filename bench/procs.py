@@ -36,14 +36,15 @@ class CorePlan:
 
     verifier: tuple[int, ...]
     devices: tuple[int, ...]  # device i runs on devices[i % len(devices)]
+    shared_devices: bool = False  # or on all of them: drafters of several threads (a faster board)
 
     @property
     def dedicated(self) -> bool:
         """Whether every device has a core of its own, none shared with the verifier."""
         return not set(self.verifier) & set(self.devices)
 
-    def device_core(self, i: int) -> int:
-        return self.devices[i % len(self.devices)]
+    def device_cores(self, i: int) -> tuple[int, ...]:
+        return self.devices if self.shared_devices else (self.devices[i % len(self.devices)],)
 
     def describe(self) -> str:
         return f"verifier on cores {list(self.verifier)}, devices on cores {list(self.devices)}"
@@ -96,12 +97,12 @@ class Verifier(VerifierProcess):
 class Device:
     """A ``bench.worker`` process: started, awaited until its drafter is loaded, then released."""
 
-    def __init__(self, worker_args: list[str], core: int, log: Path) -> None:
+    def __init__(self, worker_args: list[str], cores: tuple[int, ...], log: Path) -> None:
         self.log = log
         self.proc = spawn(
             [sys.executable, "-m", "bench.worker", *worker_args],
             log,
-            (core,),
+            cores,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )

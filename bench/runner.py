@@ -78,7 +78,7 @@ def devices_ready(n: int, prompts: list[Prompt], worker_args: Callable[[Path], l
         for i in range(n):
             prompts_file = log_dir / f"device{i}.jsonl"
             prompts_file.write_text("".join(json.dumps(p.to_json()) + "\n" for p in share(prompts, n, i)))
-            devices.append(Device(worker_args(prompts_file), cores.device_core(i), log_dir / f"device{i}.log"))
+            devices.append(Device(worker_args(prompts_file), cores.device_cores(i), log_dir / f"device{i}.log"))
         for d in devices:
             d.wait_ready()
         yield devices

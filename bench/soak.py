@@ -57,10 +57,9 @@ class RecordingClient(VerifierClient):
         self.drafts: list[bytes] = []
 
     def verify(self, session_id: str, round_no: int, draft: bytes, draft_ids: list[int] | None = None,
-               proposals: list[Proposal] | None = None, chained: int = 0,
-               alternatives: list[bytes] | None = None) -> VerifyResponse:
+               proposals: list[Proposal] | None = None, chained: int = 0) -> VerifyResponse:
         self.drafts.append(draft)
-        return super().verify(session_id, round_no, draft, draft_ids, proposals, chained, alternatives)
+        return super().verify(session_id, round_no, draft, draft_ids, proposals, chained)
 
 
 def record(url: str, token: str, drafter_name: str, n_prompts: int, max_tokens: int) -> list[Trace]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +61,7 @@ def _run(strategy: str, n: int, delay_ms: float, prompts: list[Prompt], args: ar
     def worker(prompts_file: Path) -> list[str]:
         return ["--server", verifier.url, "--prompts", str(prompts_file), "--drafter", args.drafter,
                 "--draft-tokens", str(args.draft_tokens), "--max-tokens", str(args.max_tokens),
-                "--threads", "1", "--network-delay-ms", str(delay_ms),
+                "--threads", str(args.drafter_threads), "--network-delay-ms", str(delay_ms),
                 "--draft-slowdown", str(args.draft_slowdown), *flags]
 
     with devices_ready(n, prompts, worker, cores, work) as devices:
@@ -104,6 +105,7 @@ def _save(args: argparse.Namespace, prompts: list[Prompt], records: list[dict]) 
         return
     out = {"target": args.target, "drafter": args.drafter, "workload": args.workload.name,
            "emulate_pass_ms": args.emulate_pass_ms, "replay": args.replay, "draft_slowdown_ms": args.draft_slowdown,
+           "drafter_threads": args.drafter_threads,
            "max_tokens": args.max_tokens, "prompts": len(prompts), "records": records}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--emulate-pass-ms", type=float, default=250.0,
                     help="the verifier's fixed pass time (GPU-like); 0 for the CPU's own cost")
     ap.add_argument("--draft-slowdown", type=float, default=0.0, metavar="MS", help="sleep per draft step")
+    ap.add_argument("--drafter-threads", type=int, default=1,
+                    help="each device's drafter threads: 2 emulate a faster board (with --replay the verifier "
+                         "leaves the cores to the devices)")
     ap.add_argument("--replay", action="store_true",
                     help="the verifier replays the target's greedy decodings, recorded with the real model, "
                          "instead of running it: passes can then be as short as a GPU's (with "
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     prompts = load(args.workload)[: args.prompts]
     cores = plan_cores(max(args.n))
+    if args.drafter_threads > 1:  # a faster board: each device's drafter may use every core
+        cores = CorePlan(cores.verifier, tuple(sorted(os.sched_getaffinity(0))), shared_devices=True)
     print(f"sled-bench strategies: references for {len(prompts)} prompts on {args.target}", file=sys.stderr)
     target = profile(args.target, prompts, args.max_tokens, cores.verifier)
     records = []

@@ -58,8 +58,6 @@ class GenerationResult:
     ahead_rounds: int = 0  # rounds whose draft opened with such tokens
     chained_rounds: int = 0  # rounds sent before the previous answer (see VerifyRequest.chained), answered
     stale_rounds: int = 0  # chained rounds whose bet lost: sent, nothing committed
-    hedged_rounds: int = 0  # chained rounds that also offered hedges (a second request)
-    hedge_wins: int = 0  # of those, rounds answered through a hedge: its bet held, not the round's own
     sources: dict[str, int] = field(default_factory=dict)  # rounds opened by each draft source
     decisions: list[dict] = field(default_factory=list)  # the draft controller's, round by round
 
@@ -87,8 +85,7 @@ class GenerationResult:
             "tli_coverage": round(sum(self.tli_mass_inside) / len(self.tli_mass_inside), 4)
             if self.tli_mass_inside else None,
             "lookahead": {"drafted": self.ahead_drafted, "used": self.ahead_used, "rounds": self.ahead_rounds,
-                          "chained": self.chained_rounds, "stale": self.stale_rounds,
-                          "hedged": self.hedged_rounds, "hedge_wins": self.hedge_wins},
+                          "chained": self.chained_rounds, "stale": self.stale_rounds},
             "sources": self.sources,
         }
 
@@ -130,54 +127,22 @@ def _replica_lost(e: VerifierError) -> bool:
 @dataclass
 class _Chained:
     """A round sent while rounds before it were in flight, betting that their answers commit a
-    prefix of its text (see ``VerifyRequest.chained``); hedged, a second request for it offers
-    other texts, each betting on another outcome."""
+    prefix of its text (see ``VerifyRequest.chained``)."""
 
-    texts: list[bytes]  # its text, then its hedges' (those sent), past the answers applied so far
+    rest: bytes  # its text past the answers applied so far: its draft, once they all are
     tokens: int  # look-ahead tokens it took: its bet (the bonus token's guess) and its draft
-    future: Future[VerifyResponse]  # the request with its own text alone
+    future: Future[VerifyResponse]
     sent_at: float
-    hedged: Future[VerifyResponse] | None = None  # the request with the hedges too
-    hedge_won: bool = False  # the answers so far left a hedge's text, not its own
-
-    @property
-    def rest(self) -> bytes:
-        """Its text past the answers applied so far: its draft, once they all are."""
-        return self.texts[0]
 
     def follows(self, answer: VerifyResponse) -> bool:
-        """Take the answer to a round before it: whether a bet still holds, the first text that
-        does, as the verifier finds it. The verifier checks the same bytes, so a round whose bets
-        all lost is left to its stale answers: they commit nothing, whenever they arrive."""
-        held = [t for t in self.texts if t.startswith(answer.text)] if not answer.finished else []
-        if not held:
+        """Take the answer to a round before it: whether its bet still holds. The verifier checks
+        the same bytes, so a round whose bet lost is left to its stale answer: it commits nothing,
+        whenever it arrives."""
+        if answer.finished or not self.rest.startswith(answer.text):
             return False
-        if self.hedged is not None:
-            if held[0] is not self.texts[0]:  # a hedge's: only its request can draft with it
-                self.future, self.hedge_won = self.hedged, True
-            else:  # its own: either request drafts with it, whichever the verifier takes first
-                self.future = _rounds_in_flight().submit(_first_answer, self.future, self.hedged)
-            self.hedged = None
-        self.texts = [held[0][len(answer.text) :]]
+        self.rest = self.rest[len(answer.text) :]
         return True
 
-    def settle(self) -> None:
-        """Wait for the answers to its requests (they are stale: its bets lost)."""
-        for f in (self.future, self.hedged):
-            if f is not None:
-                f.exception()
-
-
-def _first_answer(first: Future[VerifyResponse], second: Future[VerifyResponse]) -> VerifyResponse:
-    """The answer to a round sent twice with the same first text: the first request's, or the
-    second's where the first was stale (it overtook the round before it, the second did not)."""
-    answer = first.result()
-    return second.result() if answer.stale else answer
-
-
-# Pipelined: the other outcomes of the round awaited that the round chained behind it bets on too
-# (the drafter has a KV sequence for each; see ``ModelSource.hedge``).
-DEFAULT_HEDGES = 2
 
 # Pipelined: rounds a device keeps in flight at most, the one awaited and the chained ones behind
 # it. The protocol allows up to 4; 3 measured no faster than 2 (GPU-timed, 80 ms) and doubled the
@@ -219,7 +184,6 @@ class Agent:
         adaptive: bool = False,
         pipelined: bool = False,
         controller: DraftController | None = None,
-        hedges: int = DEFAULT_HEDGES,
     ) -> None:
         from edge_agent.drafting import ModelSource
 
@@ -231,7 +195,6 @@ class Agent:
         self.sampling_mode = sampling_mode
         self.deadline_s = deadline_s  # no replica answers for this long: the generation fails
         self.pipelined = pipelined and self.model is not None
-        self.hedges = hedges if self.pipelined else 0  # alternatives a chained round offers
         self.controller = (controller or DraftController(self.draft_tokens, lookahead=self.pipelined)
                            if adaptive and self.draft_tokens else None)
 
@@ -310,35 +273,13 @@ class Agent:
                     return False
                 text = draft.text + model.ahead_text(taken + bet)
                 chained = len(chains) + 1  # the rounds in flight before it
-                chains.append(_Chained([text], bet, _rounds_in_flight().submit(
+                chains.append(_Chained(text, bet, _rounds_in_flight().submit(
                     self.client.verify, session, round_no + chained, text, chained=chained), time.perf_counter()))
             return True
 
         limit = ROUNDS_IN_FLIGHT * self.draft_tokens if bet else self.draft_tokens
         result.ahead_drafted += model.look_ahead(in_flight, limit)
-        if len(chains) == 1 and self.hedges and "hedged-rounds" in self.client.capabilities():
-            self._hedge(session, round_no + 1, chains[0], size, lambda: not future.done(), result)
         return future.result()
-
-    def _hedge(self, session: str, round_no: int, chain: _Chained, size: int, in_flight: Callable[[], bool],
-               result: GenerationResult) -> None:
-        """While the answer to the round before ``chain`` is still out, draft its likeliest other
-        outcomes (a rejection for the drafter's runner-up, or the runner-up as the bonus token),
-        each with a draft of ``size`` tokens, and send them as ``chain``'s alternatives: a second
-        request for its number, its own text first. A hedge the answer came too soon for is not
-        sent, but still carries over as look-ahead when it was right."""
-        assert self.model is not None  # only a model's look-ahead chains
-        texts = []  # like the chain's own text, they start where the draft in flight does
-        for at in self.model.hedge_points(self.hedges):
-            text = self.model.hedge(at, size, in_flight)
-            if text is None:
-                break
-            texts.append(text)
-        if texts and in_flight():
-            chain.texts += texts
-            chain.hedged = _rounds_in_flight().submit(self.client.verify, session, round_no, chain.texts[0],
-                                                      chained=1, alternatives=texts)
-            result.hedged_rounds += 1
 
     def _chained_draft(self, chain: _Chained) -> Draft:
         """The draft of a chained round whose bet held: what it sent past the committed text."""
@@ -380,12 +321,11 @@ class Agent:
                 t_start = time.perf_counter()
                 future: Future[VerifyResponse] | None = None
                 tli: TliProposer | None = None
-                hedge_won = False
                 cap = length.for_hint(hint) if self.follow_hint else self.draft_tokens
                 if chains:
                     chain = chains.popleft()
                     draft, draft_s = self._chained_draft(chain), 0.0
-                    future, t_round, hedge_won = chain.future, chain.sent_at, chain.hedge_won
+                    future, t_round = chain.future, chain.sent_at
                 else:
                     k = cap
                     proposer = None
@@ -425,7 +365,7 @@ class Agent:
                     # can meet the round sent again.
                     result.stale_rounds += 1 + len(chains)
                     while chains:
-                        chains.popleft().settle()
+                        chains.popleft().future.exception()
                     if self.source is not None:  # nothing committed: its look-ahead state goes
                         self.source.commit(b"")
                     continue
@@ -433,7 +373,6 @@ class Agent:
                 result.round_latencies_s.append(latency)
                 result.rounds += 1
                 result.chained_rounds += future is not None
-                result.hedge_wins += hedge_won
                 accepted = accepted_pieces(draft.pieces, resp.accepted_bytes)
                 self._account(result, draft, accepted)
                 length.observe(len(draft.pieces), resp.draft_tokens)

@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> None:
         model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
     config = DaemonConfig(verifier, settings, model, max_tokens=args.max_tokens, sampling_mode=args.sampling,
                           follow_hint=not args.fixed_draft, token=token, adaptive=args.adaptive,
-                          pipelined=args.pipelined, hedges=args.hedges)
+                          pipelined=args.pipelined)
     api = settings.api
     print(f"sled-agent: serving the OpenAI API on http://{api.host}:{api.port}/v1 "
           f"(verifier: {', '.join(verifier.urls)})", file=sys.stderr, flush=True)

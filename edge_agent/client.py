@@ -118,10 +118,8 @@ class VerifierClient:
         return self._capabilities[self.current]
 
     def verify(self, session_id: str, round_no: int, draft: bytes, draft_ids: list[int] | None = None,
-               proposals: list[Proposal] | None = None, chained: int = 0,
-               alternatives: list[bytes] | None = None) -> VerifyResponse:
-        req = VerifyRequest(round=round_no, draft=draft, draft_ids=draft_ids, proposals=proposals, chained=chained,
-                            alternatives=alternatives or [])
+               proposals: list[Proposal] | None = None, chained: int = 0) -> VerifyResponse:
+        req = VerifyRequest(round=round_no, draft=draft, draft_ids=draft_ids, proposals=proposals, chained=chained)
         return self._call("POST", f"/sessions/{session_id}/verify", req, VerifyResponse)
 
     def vocabulary(self) -> Vocabulary:

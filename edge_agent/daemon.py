@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
-from edge_agent.agent import DEFAULT_HEDGES, Agent, GenerationResult, SamplingMode, local_generate
+from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_generate
 from edge_agent.client import VerifierClient, VerifierError
 from edge_agent.controller import DraftController
 from edge_agent.drafter import Drafter
@@ -42,7 +42,6 @@ class DaemonConfig:
     token: str | None = None  # this device's bearer token for the verifier
     adaptive: bool = False  # the device's draft controller (edge_agent.controller)
     pipelined: bool = False  # drafting while a round is in flight
-    hedges: int = DEFAULT_HEDGES  # pipelined: other outcomes the next round bets on too
 
 
 class Metrics:
@@ -121,7 +120,7 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
                             token=config.token) as client:
             agent = Agent(client, drafter, config.settings.max_draft_tokens, follow_hint=config.follow_hint,
                           sampling_mode=config.sampling_mode, deadline_s=retry.deadline_s,
-                          adaptive=config.adaptive, pipelined=config.pipelined, hedges=config.hedges,
+                          adaptive=config.adaptive, pipelined=config.pipelined,
                           controller=controllers.get(id(drafter)))
             if agent.controller is not None:  # what it learned serves the drafter's next request
                 controllers[id(drafter)] = agent.controller

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge_agent.drafter import Drafter, Step
+from edge_agent.drafter import Drafter
 from edge_agent.ngram import NgramDrafter
 from shared.alignment import accepted_pieces, spell
 from shared.protocol import ChatMessage
@@ -63,67 +63,57 @@ class DraftSource(Protocol):
         ...
 
 
-@dataclass
-class _Branch:
-    """A hedge: what the drafter predicts from the start of the draft in flight if the verifier
-    rejects one of its positions for the drafter's runner-up there (or takes the runner-up as the
-    bonus token), drafted in KV sequence ``seq``."""
-
-    seq: int
-    steps: list[Step]
-
-
 class ModelSource:
     name = "gguf"
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
-        self.sent: list[Step] = []  # the draft in flight
-        self.ahead: list[Step] = []  # drafted after it while it was in flight
-        self.carried: list[Step] = []  # the part of those that the answer confirmed
-        self.branches: list[_Branch] = []  # hedges of the draft in flight
+        self.sent: list[tuple[int, float]] = []  # the draft in flight: ids and confidences
+        self.ahead: list[tuple[int, float]] = []  # drafted after it while it was in flight
+        self.carried: list[tuple[int, float]] = []  # the part of those that the answer confirmed
 
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         self.drafter.start(prompt, messages)
-        self.sent, self.ahead, self.carried, self.branches = [], [], [], []
+        self.sent, self.ahead, self.carried = [], [], []
 
     def propose(self, k: int, stop: Stop | None = None) -> Draft:
         carried, self.carried = self.carried, []
-        ready: list[Step] = []
+        ready: list[tuple[int, float]] = []
         stopped = False
-        for step in carried[:k]:
-            if stop is not None and stop(step.confidence):
+        for tok, conf in carried[:k]:
+            if stop is not None and stop(conf):
                 stopped = True
                 break
-            ready.append(step)
+            ready.append((tok, conf))
+        ids = [t for t, _ in ready]
+        confidences = [c for _, c in ready]
         # What was drafted ahead beyond this draft stays its continuation: the next look-ahead goes
         # on from it (nothing is left when the draft needs more than was carried).
         self.ahead = carried[len(ready) :]
-        steps = ready
-        if not stopped and k > len(ready):
-            steps = ready + self.drafter.greedy(k - len(ready), after=_ids(ready), stop=stop)
-        self.sent = steps
-        return Draft(self._pieces(steps), [s.confidence for s in steps], self.name, ready=len(ready))
-
-    def _pieces(self, steps: Sequence[Step]) -> list[bytes]:
-        return [self.drafter.tokenizer.piece(s.token) for s in steps]
+        if not stopped and k > len(ids):
+            more, more_conf = self.drafter.greedy(k - len(ids), after=ids, stop=stop)
+            ids += more
+            confidences += more_conf if stop is not None else [1.0] * len(more)
+        self.sent = list(zip(ids, confidences))
+        pieces = [self.drafter.tokenizer.piece(t) for t in ids]
+        return Draft(pieces, confidences, self.name, ready=len(ready))
 
     def take_sent(self, text: bytes) -> Draft | None:
         """The draft of a chained round, already sent: ``text``, the bytes of the leading tokens
         carried over from the look-ahead. None (and the look-ahead dropped) where the committed
         text cut one of those tokens: the round's draft then is not a run of drafter tokens."""
         carried, self.carried = self.carried, []
-        pieces = self._pieces(carried)
+        pieces = [self.drafter.tokenizer.piece(t) for t, _ in carried]
         n = accepted_pieces(pieces, len(text))
         if b"".join(pieces[:n]) != text:
             self.sent, self.ahead = [], []
             return None
         self.sent, self.ahead = carried[:n], carried[n:]
-        return Draft(pieces[:n], [s.confidence for s in self.sent], self.name, ready=n)
+        return Draft(pieces[:n], [c for _, c in self.sent], self.name, ready=n)
 
     def ahead_text(self, n: int) -> bytes:
         """The first ``n`` tokens drafted ahead, as bytes."""
-        return b"".join(self._pieces(self.ahead[:n]))
+        return b"".join(self.drafter.tokenizer.piece(t) for t, _ in self.ahead[:n])
 
     def look_ahead(self, in_flight: Callable[[], bool], limit: int) -> int:
         """Draft on after the draft in flight (and what was drafted ahead of it already), one token
@@ -131,62 +121,23 @@ class ModelSource:
         ahead; how many it drafted."""
         drafted = 0
         while in_flight() and len(self.ahead) < limit:
-            step = self.drafter.greedy(1, after=_ids(self.sent + self.ahead))
-            if not step:
+            context = [t for t, _ in self.sent + self.ahead]
+            tok, conf = self.drafter.greedy(1, after=context, stop=lambda c: False)
+            if not tok:
                 break
-            self.ahead += step
+            self.ahead.append((tok[0], conf[0]))
             drafted += 1
         return drafted
 
-    def hedge_points(self, n: int) -> list[int]:
-        """Where the draft in flight most likely goes another way than the drafter's choice, up to
-        ``n`` positions, likeliest first: position j (j = the draft's length: the bonus token) is
-        scored by the drafter's own chance of the draft's first j tokens and then its runner-up.
-        Positions past the look-ahead's first token have no runner-up drafted yet."""
-        tok = self.drafter.tokenizer
-        predicted = (self.sent + self.ahead)[: len(self.sent) + 1]
-        scores, reach = [], 1.0
-        for j, step in enumerate(predicted):
-            if step.runner_up >= 0 and not (tok.is_eog(step.runner_up) or tok.is_control(step.runner_up)):
-                scores.append((reach * step.runner_up_p, j))
-            reach *= step.confidence
-        return [j for _, j in sorted(scores, reverse=True)[: min(n, self.drafter.branches)]]
-
-    def hedge(self, at: int, n: int, in_flight: Callable[[], bool]) -> bytes | None:
-        """Draft the hedge at position ``at`` (see ``hedge_points``): the runner-up there, then up
-        to ``n`` tokens after it, in a KV sequence of its own, while ``in_flight`` holds. Its text
-        from the start of the draft in flight; None if the answer came before the runner-up could
-        be taken. A commit that the hedge predicted then carries it like a look-ahead."""
-        if not in_flight():
-            return None
-        predicted = self.sent + self.ahead
-        base = predicted[:at] + [Step(predicted[at].runner_up, predicted[at].runner_up_p)]
-        branch = _Branch(1 + len(self.branches), base)
-        self.branches.append(branch)
-        while in_flight() and len(branch.steps) < at + 1 + n:
-            step = self.drafter.greedy(1, after=_ids(branch.steps), seq=branch.seq)
-            if not step:
-                break
-            branch.steps += step
-        return b"".join(self._pieces(branch.steps))
-
     def commit(self, text: bytes) -> None:
-        """The committed text: what was drafted past it carries over when the draft in flight and
-        its look-ahead, or else a hedge, predicted it token for token."""
         new = self.drafter.commit(text)
-        self.carried = []
-        for predicted in [self.sent + self.ahead] + [b.steps for b in self.branches]:
-            if new and _ids(predicted[: len(new)]) == new:
-                self.carried = predicted[len(new) :]
-                break
-        self.sent, self.ahead, self.branches = [], [], []
+        predicted = self.sent + self.ahead
+        confirmed = bool(new) and [t for t, _ in predicted[: len(new)]] == new
+        self.carried = predicted[len(new) :] if confirmed else []
+        self.sent, self.ahead = [], []
 
     def feedback(self, draft: Draft, accepted: int) -> None:
         pass
-
-
-def _ids(steps: Sequence[Step]) -> list[int]:
-    return [s.token for s in steps]
 
 
 def gguf_drafter(source: Drafter | DraftSource | None) -> Drafter | None:
@@ -261,7 +212,7 @@ class HierarchicalSource:
         # Taken when long enough and about as likely to be accepted as the model's tokens: it costs
         # no drafting time, and the model extends it to k tokens.
         if ids and self.rates["ngram"].value >= NGRAM_PREFERENCE * self.rates["gguf"].value:
-            more = _ids(self.model.drafter.greedy(k - len(ids), after=ids))
+            more, _ = self.model.drafter.greedy(k - len(ids), after=ids) if k > len(ids) else ([], [])
             self.chosen["ngram"] += 1
             self.shadow = []
             return Draft([tok.piece(t) for t in ids + more], source="ngram", ngram_tokens=len(ids))

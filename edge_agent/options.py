@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.agent import DEFAULT_DRAFT_TOKENS, DEFAULT_HEDGES, Agent
+from edge_agent.agent import DEFAULT_DRAFT_TOKENS, Agent
 from edge_agent.client import VerifierClient
 from shared.models import resolve
 
@@ -33,9 +33,6 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
                     help="size each draft for the most tokens per second of this device's time (within the hint), "
                          "and stop a draft where the drafter's confidence is low")
     ap.add_argument("--pipelined", action="store_true", help="keep drafting while a round is in flight")
-    ap.add_argument("--hedges", type=int, default=DEFAULT_HEDGES, choices=range(DEFAULT_HEDGES + 1),
-                    help="pipelined: other outcomes of the round in flight that the next round also bets on "
-                         "(a rejection for the drafter's runner-up); 0 bets on the drafter's choice alone")
     ap.add_argument("--draft-slowdown", type=float, default=0.0, metavar="MS",
                     help="sleep per draft step, to emulate a slower board")
     ap.add_argument("--sampling", choices=("auto", "slem", "tli"), default="auto",
@@ -83,4 +80,4 @@ def open_client(args: argparse.Namespace) -> VerifierClient:
 
 def make_agent(args: argparse.Namespace, client: VerifierClient, drafter: Drafter | DraftSource | None) -> Agent:
     return Agent(client, drafter, args.draft_tokens, follow_hint=not args.fixed_draft, sampling_mode=args.sampling,
-                 deadline_s=args.deadline, adaptive=args.adaptive, pipelined=args.pipelined, hedges=args.hedges)
+                 deadline_s=args.deadline, adaptive=args.adaptive, pipelined=args.pipelined)

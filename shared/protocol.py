@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION = 1
 MAX_CHAINED = 3  # unanswered rounds a chained round may follow: at most four rounds in flight
-MAX_ALTERNATIVES = 3  # other drafts a chained round may offer, each betting on another outcome
 API_PREFIX = "/v1"
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -102,19 +101,11 @@ class VerifyRequest(_Message):
     with what follows their text. When the draft does not start with that text (the bet lost), or
     the round did not arrive right after the one it follows, the round is *stale*: it commits
     nothing and does not use up its number, which the device then sends again with a fresh draft.
-
-    A chained round may *hedge*: ``alternatives`` are other texts it may draft, each betting on
-    another outcome of the rounds before it (a rejection there, another bonus token). The verifier
-    takes the first of ``draft`` and then ``alternatives``, in order, that starts with the answers'
-    text; the answer says which (``alternative``). The device sends a hedge as a second request for
-    the same round number, ``draft`` first again, so that whichever request the verifier takes
-    first, it drafts with the same text: the first whose bet holds.
     """
 
     round: int = Field(ge=1)
     draft: bytes = b""
     chained: int = Field(default=0, ge=0, le=MAX_CHAINED)
-    alternatives: list[bytes] = Field(default_factory=list, max_length=MAX_ALTERNATIVES)
     draft_ids: list[int] | None = None
     proposals: list[Proposal] | None = None
 
@@ -122,8 +113,6 @@ class VerifyRequest(_Message):
     def _tli_round(self) -> VerifyRequest:
         if (self.draft_ids is None) != (self.proposals is None):
             raise ValueError("a TLI round gives both 'draft_ids' and 'proposals', or neither")
-        if self.alternatives and not self.chained:
-            raise ValueError("only a chained round offers 'alternatives' (it bets on rounds before it)")
         if self.draft_ids is None or self.proposals is None:
             return self
         if self.chained:
@@ -165,8 +154,6 @@ class VerifyResponse(_Message):
     server_s: float = 0.0
     # A chained round whose bet lost: nothing committed, the round number is still free.
     stale: bool = False
-    # Which text a chained round drafted with: 0 its ``draft``, i its ``alternatives[i - 1]``.
-    alternative: int = 0
 
 
 class Limits(_Message):

@@ -24,7 +24,7 @@ def test_two_cores_put_the_verifier_on_core_0_and_devices_on_core_1():
     plan = plan_cores(4, [0, 1])
     assert plan.verifier == (0,) and plan.devices == (1,) and plan.dedicated
     wide = plan_cores(4, list(range(16)))
-    assert len(wide.verifier) == 12 and wide.device_core(5) == wide.devices[1]
+    assert len(wide.verifier) == 12 and wide.device_cores(5) == (wide.devices[1],)
 
 
 def test_capacity_ratio_divides_plain_by_speculative_cost():

@@ -156,7 +156,7 @@ class Engine:
             tokenizer=tok.kind,
             chat_template=tok.chat_template is not None,
             capabilities=["greedy", "sample-slem", "sample-tli", "chat", "stop", "resume", "draft-hint", "idempotent-create",
-                          "chained-rounds", "hedged-rounds"],
+                          "chained-rounds"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
@@ -320,23 +320,21 @@ class Engine:
         if s.last is not None and req.round == s.round:
             self._record(RoundRecord(s.owner, 0, 0, 0, 0.0, replayed=True))
             return s.last  # a retry: same answer, nothing committed twice
-        texts = [req.draft, *req.alternatives]
-        longest = max(len(t) for t in texts)
-        if longest > self.config.max_draft_bytes:
-            raise TooLarge(f"draft of {longest} bytes exceeds the limit of {self.config.max_draft_bytes}")
-        device_draft, alternative = req.draft, 0  # after the text the device holds
+        if len(req.draft) > self.config.max_draft_bytes:
+            raise TooLarge(
+                f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
+            )
+        device_draft = req.draft  # after the text the device holds
         if req.chained:
             bet = s.answered_text(req.chained) if req.round == s.round + 1 and not s.finished else None
-            held = [i for i, t in enumerate(texts) if t.startswith(bet)] if bet is not None else []
-            if bet is None or not held:
+            if bet is None or not device_draft.startswith(bet):
                 self._record(RoundRecord(s.owner, 0, 0, 0, time.perf_counter() - t0, stale=True))
                 return self._stale(s, req)
-            alternative = held[0]  # the first text whose bet holds, as the device also finds
-            device_draft = texts[alternative][len(bet) :]  # what the device drafted past the answers it bet on
+            device_draft = device_draft[len(bet) :]  # what the device drafted past the answers it bet on
         if req.round != s.round + 1:
             raise Conflict(f"round {req.round} is out of order: the next round is {s.round + 1}")
         if s.finished:  # finished at creation (a resumed session that had already ended)
-            return self._respond(s, req, device_draft, [], 0, 0, alternative)
+            return self._respond(s, req, device_draft, [], 0, 0)
         draft = device_draft[: complete_prefix_len(device_draft)]
         # The device's text ends where the last answer did; bytes committed but held back
         # since (an incomplete character, a possible stop string) must open the draft.
@@ -355,7 +353,7 @@ class Engine:
         old = len(s.ids)
         self._commit(s, candidates[: outcome.accepted] + [outcome.token])
         self.committed_tokens += len(s.ids) - old
-        resp = self._respond(s, req, device_draft, s.ids[old:], len(candidates), outcome.accepted, alternative)
+        resp = self._respond(s, req, device_draft, s.ids[old:], len(candidates), outcome.accepted)
         elapsed = time.perf_counter() - t0
         resp.server_s = round(elapsed, 6)
         self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
@@ -424,10 +422,9 @@ class Engine:
                               finish_reason=s.finish_reason, draft_hint=self._hint(s), stale=True)
 
     def _respond(self, s: Session, req: VerifyRequest, draft: bytes, new_ids: list[int], n_cand: int,
-                 n_acc: int, alternative: int = 0) -> VerifyResponse:
+                 n_acc: int) -> VerifyResponse:
         """The round's answer; ``draft`` is the draft as the round used it (a chained round's,
-        past the answer it bet on, from the text ``alternative`` names), which ``accepted_bytes``
-        counts in."""
+        past the answer it bet on), which ``accepted_bytes`` counts in."""
         end = s.sendable_end()
         resp = VerifyResponse(
             round=req.round,
@@ -440,7 +437,6 @@ class Engine:
             finished=s.finished,
             finish_reason=s.finish_reason,
             draft_hint=self._hint(s),
-            alternative=alternative,
         )
         s.answer_starts.append(s.sent)
         s.sent = end
