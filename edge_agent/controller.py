@@ -35,10 +35,13 @@ after the round before it), and E_C, q are those of that length.
 The model leaves out what a round costs beyond drafting and the wire (re-tokenizing the answer,
 the drafter catching up on the bonus token), and counts drafter tokens, not committed ones. So the
 controller also measures committed tokens per second of wall time, all included, for rounds with
-and without a draft. Where drafted rounds measure less than 1.3x what the model predicts for
-rounds without a draft (a fast verifier on a short link), it sends a round without a draft now and
-then, and drafts nothing while those measure faster: drafting never costs the device its plain
-speed.
+a draft of its choosing and without a draft. Where drafted rounds measure less than 1.3x what the
+model predicts for rounds without a draft (a fast verifier on a short link), it sends a round
+without a draft now and then, and drafts nothing while those measure faster: drafting never costs
+the device its plain speed. Rounds that drafted the hint (the warm-up, explorations) are measured
+apart, so that their long drafts do not make the controller's short ones look slow; and where the
+first two already measure slower than the model predicts for rounds without a draft (a slow
+drafter next to a fast verifier), the warm-up ends there.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -56,6 +59,7 @@ EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
+MIN_WARMUP_ROUNDS = 2  # or this many, where they already measure slower than rounds without a draft would be
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
@@ -117,9 +121,11 @@ class DraftController:
     lookahead: bool = False  # pipelined drafting: value short drafts for the look-ahead they buy
     chained_lookahead: bool = False  # the look-ahead goes out as chained rounds (one has been answered)
     plain: _Throughput = field(default_factory=_Throughput)  # measured: rounds without a draft
-    drafting: _Throughput = field(default_factory=_Throughput)  # and rounds with one
+    drafting: _Throughput = field(default_factory=_Throughput)  # and rounds with one of the controller's length
+    warmup: _Throughput = field(default_factory=_Throughput)  # and rounds that drafted the hint (warm-up, exploration)
     decisions: int = 0
     observed: int = 0  # rounds with a draft, measured
+    forced: bool = False  # the last round drafted the hint, not a length of the controller's choosing
 
     def __post_init__(self) -> None:
         self.reached = self.reached or [0.0] * self.cap
@@ -147,7 +153,8 @@ class DraftController:
         round waited in the verifier behind the round before it: its times say nothing of the
         link's or the verifier's, only its acceptance and throughput count."""
         if wall_s > 0:
-            (self.drafting if drafted else self.plain).observe(committed, wall_s)
+            kind = (self.warmup if self.forced else self.drafting) if drafted else self.plain
+            kind.observe(committed, wall_s)
         self.observed += drafted > 0
         for j in range(min(drafted, self.cap)):
             if j > accepted:
@@ -207,17 +214,20 @@ class DraftController:
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
         committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
-        round or two of evidence would swing it), and every ``EXPLORE_EVERY``-th round (so that
+        round or two of evidence would swing it; ``MIN_WARMUP_ROUNDS`` where those already lose
+        to the predicted rounds without a draft), and every ``EXPLORE_EVERY``-th round (so that
         long drafts stay measured; while rounds without a draft are faster, that round drafts the
         best length instead, to keep drafted rounds measured at a small cost)."""
         limit = min(hint, self.cap)
         threshold = self.threshold()
         self.decisions += 1
-        warming = self.observed < WARMUP_ROUNDS or self.step_s is None or self.rtt_s is None
-        explore = self.decisions % EXPLORE_EVERY == 0
-        if warming or (explore and not self.plain_measures_faster()):
-            return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         reaches = self.reaches()
+        warming = self.step_s is None or self.rtt_s is None or (
+            self.observed < WARMUP_ROUNDS and not (self.observed >= MIN_WARMUP_ROUNDS and self.warmup_loses(reaches)))
+        explore = self.decisions % EXPLORE_EVERY == 0
+        self.forced = warming or (explore and not self.plain_measures_faster())
+        if self.forced:
+            return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
         drafted = self.drafting.rate
         close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
@@ -226,9 +236,19 @@ class DraftController:
             best = 0  # a round without a draft: measured now and then, and taken while it is faster
         return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
 
+    def warmup_loses(self, reaches: list[float]) -> bool:
+        """Whether rounds that drafted the hint measured fewer committed tokens per second than the
+        model predicts for rounds without a draft: a slow drafter next to a fast verifier, where
+        warming up on the hint's long drafts would cost more than it teaches."""
+        drafted = self.warmup.rate
+        return drafted is not None and drafted < self.rate(0, 0, reaches)
+
     def plain_measures_faster(self) -> bool:
-        """Whether rounds without a draft have committed more tokens per second than rounds with."""
+        """Whether rounds without a draft have committed more tokens per second than rounds with
+        (of the controller's length, or before there are any, of the hint's)."""
         plain, drafted = self.plain.rate, self.drafting.rate
+        if drafted is None:
+            drafted = self.warmup.rate
         return plain is not None and drafted is not None and plain > drafted
 
     def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:
