@@ -40,8 +40,9 @@ model predicts for rounds without a draft (a fast verifier on a short link), it 
 without a draft now and then, and drafts nothing while those measure faster: drafting never costs
 the device its plain speed. Rounds that drafted the hint (the warm-up, explorations) are measured
 apart, so that their long drafts do not make the controller's short ones look slow; and where the
-first two already measure slower than the model predicts for rounds without a draft (a slow
-drafter next to a fast verifier), the warm-up ends there.
+first one already measures slower than the model predicts for rounds without a draft (a slow
+drafter next to a fast verifier), the warm-up ends there; while rounds without a draft measure
+faster, the explorations come four times less often.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -58,8 +59,9 @@ PRIOR_WEIGHT = 2.0
 EMA = 0.2  # weight of the newest sample in the time averages
 MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
+PLAIN_BACKOFF = 4  # and only every 32nd while rounds without a draft measure faster
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
-MIN_WARMUP_ROUNDS = 2  # or this many, where they already measure slower than rounds without a draft would be
+MIN_WARMUP_ROUNDS = 1  # or this many, where they already measure slower than rounds without a draft would be
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
@@ -224,15 +226,15 @@ class DraftController:
         reaches = self.reaches()
         warming = self.step_s is None or self.rtt_s is None or (
             self.observed < WARMUP_ROUNDS and not (self.observed >= MIN_WARMUP_ROUNDS and self.warmup_loses(reaches)))
-        explore = self.decisions % EXPLORE_EVERY == 0
-        self.forced = warming or (explore and not self.plain_measures_faster())
+        plain_faster = self.plain_measures_faster()
+        explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
+        self.forced = warming or (explore and not plain_faster)
         if self.forced:
             return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
         drafted = self.drafting.rate
         close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
-        if close and not explore and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2
-                                      or self.plain_measures_faster()):
+        if close and not explore and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2 or plain_faster):
             best = 0  # a round without a draft: measured now and then, and taken while it is faster
         return Decision(best, hint, self.expected_tokens(best, reaches), self.round_s(best, free_steps), threshold)
 

@@ -106,9 +106,9 @@ def test_drafting_never_costs_the_plain_speed_that_rounds_measure():
 
 
 def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_one():
-    """A slow drafter (20 ms a step) next to a GPU-timed verifier on a short link: two rounds of
-    the hint's 10-token drafts measure slower than a round without a draft is predicted to be, so
-    the controller stops drafting the hint there. A fast drafter warms up for all 8 rounds."""
+    """A slow drafter (20 ms a step) next to a GPU-timed verifier on a short link: a round of the
+    hint's 10-token drafts measures slower than a round without a draft is predicted to be, so the
+    controller stops drafting the hint there. A fast drafter warms up for all 8 rounds."""
     def first_choices(step_ms: float) -> list[int]:
         c, ks = DraftController(cap=10), []
         for _ in range(8):
@@ -119,7 +119,7 @@ def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_on
         return ks
 
     slow, fast = first_choices(20.0), first_choices(0.5)
-    assert slow[:2] == [10, 10] and max(slow[2:]) < 10, slow
+    assert slow[0] == 10 and max(slow[1:]) < 10, slow
     assert fast == [10] * 8, fast
 
 
