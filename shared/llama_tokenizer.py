@@ -1,4 +1,4 @@
-"""Tokenizer and chat template of a llama.cpp model, for both the drafter and the verifier.
+"""The llama.cpp model loader, and the tokenizer and chat template of a model, for both the drafter and the verifier.
 
 The one module of ``shared`` that imports llama-cpp-python (both the ``agent`` and ``verifier``
 extras install it); the protocol, codec and alignment helpers do not depend on it.
