@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load(args.workload)[: args.prompts]
     cores = plan_cores(max(args.n))
     if args.drafter_threads > 1:  # a faster board: each device's drafter may use every core
-        cores = CorePlan(cores.verifier, tuple(sorted(os.sched_getaffinity(0))), shared_devices=True)
+        cores = CorePlan(cores.verifier, tuple(sorted({*cores.verifier, *cores.devices})), shared_devices=True)
     print(f"sled-bench strategies: references for {len(prompts)} prompts on {args.target}", file=sys.stderr)
     target = profile(args.target, prompts, args.max_tokens, cores.verifier)
     records = []

@@ -61,7 +61,6 @@ MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 PLAIN_BACKOFF = 4  # and only every 32nd while rounds without a draft measure faster
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
-MIN_WARMUP_ROUNDS = 1  # or this many, where they already measure slower than rounds without a draft would be
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
@@ -216,8 +215,8 @@ class DraftController:
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
         committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
-        round or two of evidence would swing it; ``MIN_WARMUP_ROUNDS`` where those already lose
-        to the predicted rounds without a draft), and every ``EXPLORE_EVERY``-th round (so that
+        round or two of evidence would swing it; fewer where those already lose to the predicted
+        rounds without a draft), and every ``EXPLORE_EVERY``-th round (so that
         long drafts stay measured; while rounds without a draft are faster, that round drafts the
         best length instead, to keep drafted rounds measured at a small cost)."""
         limit = min(hint, self.cap)
@@ -225,7 +224,7 @@ class DraftController:
         self.decisions += 1
         reaches = self.reaches()
         warming = self.step_s is None or self.rtt_s is None or (
-            self.observed < WARMUP_ROUNDS and not (self.observed >= MIN_WARMUP_ROUNDS and self.warmup_loses(reaches)))
+            self.observed < WARMUP_ROUNDS and not self.warmup_loses(reaches))
         plain_faster = self.plain_measures_faster()
         explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
         self.forced = warming or (explore and not plain_faster)

@@ -20,7 +20,7 @@ import llama_cpp
 import numpy as np
 
 from shared.alignment import spell
-from shared.llama_tokenizer import LlamaTokenizer, ModelLoadError, load_model
+from shared.llama_tokenizer import LlamaTokenizer, ModelLoadError, load_model, put_tokens
 from shared.protocol import ChatMessage
 from shared.utf8 import common_prefix_len
 
@@ -117,12 +117,7 @@ class Drafter:
         b = self._batch
         for start in range(0, len(tokens), N_BATCH):
             chunk = tokens[start : start + N_BATCH]
-            for j, tok in enumerate(chunk):
-                b.token[j] = tok
-                b.pos[j] = len(self.held) + j
-                b.n_seq_id[j] = 1
-                b.seq_id[j][0] = 0
-                b.logits[j] = j == len(chunk) - 1
+            put_tokens(b, 0, chunk, len(self.held), 0, len(chunk) - 1)
             b.n_tokens = len(chunk)
             rc = llama_cpp.llama_decode(self._ctx, b)
             if rc != 0:

@@ -50,6 +50,19 @@ def load_model(path: os.PathLike[str] | str, n_gpu_layers: int = 0, vocab_only: 
     return model
 
 
+def put_tokens(batch: Any, at: int, tokens: Sequence[int], pos: int, seq: int,
+               logits_from: int) -> None:
+    """Write ``tokens`` into ``batch`` from index ``at``: positions from ``pos`` in sequence ``seq``,
+    logits for the tokens from index ``logits_from`` of them on (the drafter's, the verifier's).
+    ``batch`` is a ``llama_cpp.llama_batch``, whose ctypes fields its stubs type too narrowly."""
+    for j, tok in enumerate(tokens):
+        batch.token[at + j] = tok
+        batch.pos[at + j] = pos + j
+        batch.n_seq_id[at + j] = 1
+        batch.seq_id[at + j][0] = seq
+        batch.logits[at + j] = j >= logits_from
+
+
 class LlamaTokenizer:
     """The tokenizer of one loaded llama.cpp model: encode/decode bytes and render chat prompts.
 

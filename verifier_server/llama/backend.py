@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from shared.llama_tokenizer import LlamaTokenizer, load_model
+from shared.llama_tokenizer import LlamaTokenizer, load_model, put_tokens
 from verifier_server.acceptance import LogitRows
 from verifier_server.llama.forward import ForwardItem
 from verifier_server.runner import RunnerError
@@ -101,13 +101,9 @@ class LlamaBackend:
         for it in items:
             first_logit = len(it.tokens) - it.n_logits
             starts.append(n + first_logit)
-            for j, tok in enumerate(it.tokens):
-                b.token[n] = tok
-                b.pos[n] = it.pos + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = it.slot
-                b.logits[n] = j >= first_logit
-                n += 1
+            if n + len(it.tokens) <= self.max_batch_tokens:
+                put_tokens(b, n, it.tokens, it.pos, it.slot, first_logit)
+            n += len(it.tokens)
         if n > self.max_batch_tokens:
             raise BackendError(f"batch of {n} tokens exceeds n_batch={self.max_batch_tokens}")
         b.n_tokens = n
