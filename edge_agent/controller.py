@@ -39,10 +39,12 @@ a draft of its choosing and without a draft. Where drafted rounds measure less t
 model predicts for rounds without a draft (a fast verifier on a short link), it sends a round
 without a draft now and then, and drafts nothing while those measure faster: drafting never costs
 the device its plain speed. Rounds that drafted the hint (the warm-up, explorations) are measured
-apart, so that their long drafts do not make the controller's short ones look slow; and where the
-first one already measures slower than the model predicts for rounds without a draft (a slow
-drafter next to a fast verifier), the warm-up ends there; while rounds without a draft measure
-faster, the explorations come four times less often.
+apart, so that their long drafts do not make the controller's short ones look slow. The warm-up
+opens with a short probe (``PROBE_DRAFT`` tokens), which measures the board and the link for
+little more than a round without a draft costs; where the probe (or a later warm-up round)
+already measures slower than the model predicts for rounds without a draft (a slow drafter next
+to a fast verifier), the warm-up ends there; while rounds without a draft measure faster, the
+explorations come four times less often.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -61,6 +63,7 @@ MIN_EVIDENCE = 5  # tokens in a confidence bin before its acceptance counts
 EXPLORE_EVERY = 8  # every 8th round drafts the full hint, to keep measuring the far positions
 PLAIN_BACKOFF = 4  # and only every 32nd while rounds without a draft measure faster
 WARMUP_ROUNDS = 8  # drafted rounds measured before the controller overrules the hint
+PROBE_DRAFT = 2  # the first of them drafts this much: before any timing, a long draft may cost a lot
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
@@ -216,7 +219,9 @@ class DraftController:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
         committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
         round or two of evidence would swing it; fewer where those already lose to the predicted
-        rounds without a draft), and every ``EXPLORE_EVERY``-th round (so that
+        rounds without a draft), after a first probe of ``PROBE_DRAFT`` tokens (a 10-token draft
+        of a slow board costs several rounds without one, before anything says whether drafting
+        pays), and every ``EXPLORE_EVERY``-th round (so that
         long drafts stay measured; while rounds without a draft are faster, that round drafts the
         best length instead, to keep drafted rounds measured at a small cost)."""
         limit = min(hint, self.cap)
@@ -229,7 +234,8 @@ class DraftController:
         explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
         self.forced = warming or (explore and not plain_faster)
         if self.forced:
-            return Decision(limit, hint, self.expected_tokens(limit), math.nan, threshold)
+            k = min(limit, PROBE_DRAFT) if self.observed == 0 else limit
+            return Decision(k, hint, self.expected_tokens(k), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
         drafted = self.drafting.rate
         close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)

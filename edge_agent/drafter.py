@@ -49,18 +49,34 @@ class Drafter:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self.held: list[int] = []  # what the KV cache holds, by position
-        self.tokens: list[int] = []  # prompt + committed text, in drafter ids
+        self._tokens: list[int] = []  # prompt + committed text, in drafter ids
+        self._unspelt = b""  # committed text after those, not yet needed in drafter ids
+
+    @property
+    def tokens(self) -> list[int]:
+        """The prompt and the committed text, in drafter ids."""
+        if self._unspelt:
+            self._tokens += spell(self.tokenizer, self._tokens, self._unspelt)
+            self._unspelt = b""
+        return self._tokens
 
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         """Begin a generation; each side renders a chat with its own template."""
-        self.tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
+        self._tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
+        self._unspelt = b""
 
     def commit(self, text: bytes) -> list[int]:
         """Append committed text (complete UTF-8 from the verifier) to the drafter's context; the
         drafter ids it became."""
         new = spell(self.tokenizer, self.tokens, text)
-        self.tokens += new
+        self._tokens += new
         return new
+
+    def defer(self, text: bytes) -> None:
+        """Append committed text whose drafter ids nothing needs yet: they are spelt, in one go,
+        when the drafter next drafts. A round without a draft then costs the device no tokenizing
+        (about 0.4 ms a round, 1-2% of a 25-ms round on a short link)."""
+        self._unspelt += text
 
     def draft(self, k: int, pick: Callable[[np.ndarray], int | None] | None = None) -> list[int]:
         """Draft up to ``k`` tokens after the committed text; the ids of those that carry text.

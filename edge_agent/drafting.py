@@ -130,8 +130,12 @@ class ModelSource:
         return drafted
 
     def commit(self, text: bytes) -> None:
-        new = self.drafter.commit(text)
         predicted = self.sent + self.ahead
+        if not predicted:  # a round without a draft: no look-ahead to confirm, the ids can wait
+            self.drafter.defer(text)
+            self.carried = []
+            return
+        new = self.drafter.commit(text)
         confirmed = bool(new) and [t for t, _ in predicted[: len(new)]] == new
         self.carried = predicted[len(new) :] if confirmed else []
         self.sent, self.ahead = [], []

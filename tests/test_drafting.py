@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.controller import CONFIDENCE_BINS, DraftController
+from edge_agent.controller import CONFIDENCE_BINS, PROBE_DRAFT, DraftController
 from edge_agent.ngram import NgramDrafter
 
 
@@ -15,8 +15,10 @@ def feed(c: DraftController, rounds: int, drafted: int, accepted: int, step_ms: 
                   latency_s=(rtt_ms + server_ms) / 1e3, server_s=server_ms / 1e3, target_tokens=drafted)
 
 
-def test_before_any_timing_the_hint_decides():
+def test_a_short_probe_then_the_hint_decides_before_the_timings_do():
     c = DraftController(cap=10)
+    assert c.choose(6).k == PROBE_DRAFT and c.choose(1).k == 1  # nothing measured yet: a probe, within the hint
+    feed(c, 1, drafted=PROBE_DRAFT, accepted=1, step_ms=5, rtt_ms=80, server_ms=20)
     assert c.choose(6).k == 6 and c.choose(20).k == 10
 
 
@@ -106,21 +108,22 @@ def test_drafting_never_costs_the_plain_speed_that_rounds_measure():
 
 
 def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_one():
-    """A slow drafter (20 ms a step) next to a GPU-timed verifier on a short link: a round of the
-    hint's 10-token drafts measures slower than a round without a draft is predicted to be, so the
-    controller stops drafting the hint there. A fast drafter warms up for all 8 rounds."""
+    """A slow drafter (20 ms a step) next to a GPU-timed verifier on a short link: the first
+    round's short probe already measures slower than a round without a draft is predicted to be,
+    so the controller never drafts the hint's 10 tokens (each such round would cost ~9 rounds
+    without a draft). A fast drafter warms up for all 8 rounds, the hint after the probe."""
     def first_choices(step_ms: float) -> list[int]:
         c, ks = DraftController(cap=10), []
         for _ in range(8):
             k = c.choose(10).k
             ks.append(k)
-            c.observe(k, min(k, 2), [0.9] * k, draft_s=k * step_ms / 1e3, latency_s=0.024, server_s=0.022,
-                      target_tokens=k, committed=min(k, 2) + 1, wall_s=(k * step_ms + 24) / 1e3)
+            c.observe(k, min(k, 1), [0.9] * k, draft_s=k * step_ms / 1e3, latency_s=0.024, server_s=0.022,
+                      target_tokens=k, committed=min(k, 1) + 1, wall_s=(k * step_ms + 24) / 1e3)
         return ks
 
     slow, fast = first_choices(20.0), first_choices(0.5)
-    assert slow[0] == 10 and max(slow[1:]) < 10, slow
-    assert fast == [10] * 8, fast
+    assert slow[0] == PROBE_DRAFT and max(slow[1:]) < 10, slow
+    assert fast == [PROBE_DRAFT] + [10] * 7, fast
 
 
 def test_the_confidence_threshold_is_learned_from_rejections():

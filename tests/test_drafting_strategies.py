@@ -39,6 +39,25 @@ def _check(backend, name: str, prompt: str | None, messages, result) -> str:
     return verdict.kind
 
 
+def test_text_committed_by_rounds_without_a_draft_is_spelt_when_the_drafter_drafts(drafter):
+    """A round without a draft defers the drafter's tokenizing; the deferred spans are all there,
+    in drafter ids after the ones it held, when it next drafts (spelt in one go, so possibly not
+    the ids that span-by-span spelling gives: the same text)."""
+    d = drafter("smollm2-135m")
+    spans = [b"def fib", b"(n):\n", b"    if n", b" < 2:", b"\n        return n"]
+    views = []
+    for append in (d.commit, d.defer):
+        d.start(RAW[0], None)
+        prompt = list(d.tokens)
+        for span in spans:
+            append(span)
+        views.append(d.tokens)
+        assert views[-1][: len(prompt)] == prompt
+        assert b"".join(d.tokenizer.piece(t) for t in views[-1][len(prompt):]) == b"".join(spans)
+        assert d.draft(4)  # drafts on from there
+    assert len(views[1]) <= len(views[0])  # one go merges across the spans' edges
+
+
 def test_adaptive_and_pipelined_drafting_stay_lossless(server, drafter, reference_backend):
     backend = reference_backend(TARGET)
     with VerifierClient(server.url) as client:
