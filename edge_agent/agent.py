@@ -306,14 +306,14 @@ class Agent:
         result = GenerationResult()
         length = DraftLength(self.draft_tokens)
         t0 = time.perf_counter()
+        if self.source is not None:  # first: a drafter evaluates the prompt while the session opens
+            self.source.start(prompt, messages)
         created = self._open(request, result)
         session, hint, round_no = created.session_id, created.draft_hint, 1
         result.seed = created.seed
         result.prompt_tokens = created.prompt_tokens
         if created.seed is not None:
             request = request.model_copy(update={"seed": created.seed})
-        if self.source is not None:
-            self.source.start(prompt, messages)
         tli_mapping = self._tli_mapping(request)
         chains: deque[_Chained] = deque()  # rounds in flight behind the one awaited, whose bets hold
         try:
@@ -334,7 +334,8 @@ class Agent:
                         proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
                     stop_at: Callable[[float], bool] | None = None
                     if self.controller is not None and proposer is None:
-                        decision = self.controller.choose(k, free_steps=self._carried())
+                        decision = self.controller.choose(k, free_steps=self._carried(),
+                                                          ready=self.model is None or self.model.drafter.ready)
                         result.decisions.append(decision.as_dict())
                         k = decision.k
                         stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
