@@ -9,14 +9,16 @@ last token's logits. The high-level ``Llama.eval`` does per-call bookkeeping (it
 KV trim, a batch rebuilt) that cost about a tenth of each draft step of ``smollm2-135m`` on one
 core (18.3 against 16.4 ms).
 
-A generation's prompt is evaluated in the background from ``start``: while the session opens and
-the first rounds are in flight, the device's core is idle, and the first draft then starts from a
-warm cache instead of paying the prefill (75-150 ms for a short prompt on one core). Whatever
-touches the KV cache waits for it first; ``ready`` says whether it is done.
+Work that no round waits for runs in the background, while the device's core is idle with rounds
+in flight: the prompt's evaluation from ``start`` (75-150 ms for a short prompt on one core, while
+the session opens), and catching up on text committed by rounds without a draft. The next draft
+then starts from a warm cache. Whatever needs the drafter's ids or its KV cache waits for that work
+first; ``ready`` says whether it is done.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,38 +58,32 @@ class Drafter:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self.held: list[int] = []  # what the KV cache holds, by position
         self._tokens: list[int] = []  # prompt + committed text, in drafter ids
-        self._unspelt = b""  # committed text after those, not yet needed in drafter ids
-        self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="sled-drafter-prefill")
-        self._prefill: Future[None] | None = None  # the prompt's evaluation, while it runs
+        # Work done while rounds are in flight, one job at a time: the prompt's evaluation, and
+        # catching up on text committed by rounds without a draft (``_unspelt``, taken whole by
+        # the next job to start, so that a board slower than the rounds builds no backlog).
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="sled-drafter")
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._unspelt = b""
+        self._queued = False  # a catching-up job is submitted and has not taken the text yet
 
     @property
     def tokens(self) -> list[int]:
-        """The prompt and the committed text, in drafter ids."""
-        if self._unspelt:
-            self._tokens += spell(self.tokenizer, self._tokens, self._unspelt)
-            self._unspelt = b""
-        return self._tokens
-
-    def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
-        """Begin a generation; each side renders a chat with its own template. The prompt is
-        evaluated in the background (all but its last token, which the first draft evaluates for
-        its logits)."""
+        """The prompt and the committed text, in drafter ids (once the background work is done)."""
         self._settle()
-        self._tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
-        self._unspelt = b""
-        if len(self._tokens) > 1:
-            self._prefill = self._prefiller.submit(self._sync, self._tokens[:-1])
+        return self._tokens
 
     @property
     def ready(self) -> bool:
-        """Whether a draft would start now, not after the prompt's evaluation."""
-        return self._prefill is None or self._prefill.done()
+        """Whether the background work is done: a draft would start now."""
+        return all(f.done() for f in self._pending)
 
-    def _settle(self) -> None:
-        """Wait for the prompt's evaluation (its error, if it failed, is raised here)."""
-        if self._prefill is not None:
-            pending, self._prefill = self._prefill, None
-            pending.result()
+    def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
+        """Begin a generation; each side renders a chat with its own template. The prompt is
+        evaluated in the background."""
+        self._settle()
+        self._tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
+        self._submit(self._warm)
 
     def commit(self, text: bytes) -> list[int]:
         """Append committed text (complete UTF-8 from the verifier) to the drafter's context; the
@@ -96,11 +92,42 @@ class Drafter:
         self._tokens += new
         return new
 
-    def defer(self, text: bytes) -> None:
-        """Append committed text whose drafter ids nothing needs yet: they are spelt, in one go,
-        when the drafter next drafts. A round without a draft then costs the device no tokenizing
-        (about 0.4 ms a round, 1-2% of a 25-ms round on a short link)."""
-        self._unspelt += text
+    def catch_up(self, text: bytes) -> None:
+        """Append committed text whose drafter ids nothing needs now (a round without a draft):
+        it is spelt and evaluated in the background, while the next round is in flight, so that
+        neither that round nor the next draft waits for it (a draft after many rounds without
+        one would otherwise first evaluate all they committed)."""
+        with self._lock:
+            self._unspelt += text
+            if self._queued:
+                return  # the job waiting to start takes this text too
+            self._queued = True
+        self._submit(self._catch_up)
+
+    def _catch_up(self) -> None:
+        with self._lock:
+            text, self._unspelt, self._queued = self._unspelt, b"", False
+        self._tokens += spell(self.tokenizer, self._tokens, text)
+        self._warm()
+
+    def _warm(self) -> None:
+        """Evaluate the context but its last token, which the next draft evaluates for its logits."""
+        if len(self._tokens) > 1:
+            self._sync(self._tokens[:-1])
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        finished = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in finished:
+            f.result()  # a job that failed: its error is raised in the round after it
+        self._pending.append(self._background.submit(job))
+
+    def _settle(self) -> None:
+        """Wait for the background work; its error, if a job failed, is raised here."""
+        pending, self._pending = self._pending, []
+        errors = [e for e in (f.exception() for f in pending) if e is not None]  # waits for each
+        if errors:
+            raise errors[0]
 
     def draft(self, k: int, pick: Callable[[np.ndarray], int | None] | None = None) -> list[int]:
         """Draft up to ``k`` tokens after the committed text; the ids of those that carry text.
@@ -116,7 +143,6 @@ class Drafter:
         """Up to ``k`` tokens after the committed text and then ``after`` (tokens drafted already,
         whose KV state is reused), with the drafter's top probability at each when ``stop`` is
         given: the draft ends before the first token that ``stop`` rejects (low confidence)."""
-        self._settle()
         context = self.tokens + list(after)
         if k <= 0 or not context:
             return [], []
@@ -167,7 +193,7 @@ class Drafter:
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
-            self._prefiller.shutdown(wait=True)  # a prefill in progress holds the context
+            self._background.shutdown(wait=True)  # a job in progress holds the context
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
