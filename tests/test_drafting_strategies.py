@@ -5,8 +5,10 @@ that each strategy did what it is for, and reports its figures."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -14,6 +16,7 @@ from bench.strategies import EDIT_WORKLOAD
 from bench.workload import load
 from edge_agent.agent import Agent
 from edge_agent.client import VerifierClient
+from edge_agent.drafter import BACKGROUND_NICE
 from edge_agent.drafting import HierarchicalSource, ModelSource, NgramSource
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
@@ -54,6 +57,8 @@ def test_text_committed_by_rounds_without_a_draft_is_evaluated_in_the_background
     assert d.ready and ids[: len(prompt)] == prompt and d.held == ids[:-1]
     assert b"".join(d.tokenizer.piece(t) for t in ids[len(prompt):]) == b"".join(spans)
     assert d.draft(4)
+    nice = d._background.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == BACKGROUND_NICE  # it yields the core to the rounds
 
 
 def test_adaptive_and_pipelined_drafting_stay_lossless(server, drafter, reference_backend):
