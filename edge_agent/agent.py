@@ -35,6 +35,13 @@ SamplingMode = Literal["auto", "slem", "tli"]
 # 10 measured best under the modeled memory-bound GPU verifier (README, "Draft length").
 DEFAULT_DRAFT_TOKENS = 10
 
+# A draft waits this long at most for the drafter's background work (the prompt's evaluation,
+# catching up on rounds without a draft; edge_agent.drafter) and otherwise the round goes without
+# one: on an idle board that work is done by then (a catch-up is a step or two), while on a board
+# whose other programs keep the core busy, the work, at nice 19, may take seconds. The rounds
+# then go on at plain speed instead of stalling.
+BACKGROUND_WAIT_S = 0.25
+
 
 @dataclass
 class GenerationResult:
@@ -335,10 +342,12 @@ class Agent:
                     stop_at: Callable[[float], bool] | None = None
                     if self.controller is not None and proposer is None:
                         decision = self.controller.choose(k, free_steps=self._carried(),
-                                                          ready=self.model is None or self.model.drafter.ready)
+                                                          ready=self.model is None or self.model.drafter.prompt_ready)
                         result.decisions.append(decision.as_dict())
                         k = decision.k
                         stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
+                    if k > 0 and self.model is not None and not self.model.drafter.wait_ready(BACKGROUND_WAIT_S):
+                        k = 0  # a board too busy for the drafter's background work: no draft, no wait
                     t_draft = time.perf_counter()
                     draft, tli = self._draft(k, proposer, stop_at)
                     draft_s = time.perf_counter() - t_draft

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import llama_cpp
@@ -76,6 +76,7 @@ class Drafter:
         # the next job to start, so that a board slower than the rounds builds no backlog).
         self._background = ThreadPoolExecutor(1, thread_name_prefix="sled-drafter", initializer=_yielding)
         self._pending: list[Future[None]] = []
+        self._prompt: Future[None] | None = None  # the prompt's evaluation
         self._lock = threading.Lock()
         self._unspelt = b""
         self._queued = False  # a catching-up job is submitted and has not taken the text yet
@@ -91,12 +92,21 @@ class Drafter:
         """Whether the background work is done: a draft would start now."""
         return all(f.done() for f in self._pending)
 
+    @property
+    def prompt_ready(self) -> bool:
+        """Whether the prompt's evaluation is done (catching up may still run: a step or two)."""
+        return self._prompt is None or self._prompt.done()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the background work; whether it is done."""
+        return not wait(self._pending, timeout_s).not_done
+
     def start(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> None:
         """Begin a generation; each side renders a chat with its own template. The prompt is
         evaluated in the background."""
         self._settle()
         self._tokens = self.tokenizer.prompt_ids(prompt, messages, transcript_fallback=True)
-        self._submit(self._warm)
+        self._prompt = self._submit(self._warm)
 
     def commit(self, text: bytes) -> list[int]:
         """Append committed text (complete UTF-8 from the verifier) to the drafter's context; the
@@ -128,12 +138,13 @@ class Drafter:
         if len(self._tokens) > 1:
             self._sync(self._tokens[:-1])
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None]) -> Future[None]:
         finished = [f for f in self._pending if f.done()]
         self._pending = [f for f in self._pending if not f.done()]
         for f in finished:
             f.result()  # a job that failed: its error is raised in the round after it
         self._pending.append(self._background.submit(job))
+        return self._pending[-1]
 
     def _settle(self) -> None:
         """Wait for the background work; its error, if a job failed, is raised here."""
