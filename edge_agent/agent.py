@@ -35,13 +35,6 @@ SamplingMode = Literal["auto", "slem", "tli"]
 # 10 measured best under the modeled memory-bound GPU verifier (README, "Draft length").
 DEFAULT_DRAFT_TOKENS = 10
 
-# A draft waits this long at most for the drafter's background work (the prompt's evaluation,
-# catching up on rounds without a draft; edge_agent.drafter) and otherwise the round goes without
-# one: on an idle board that work is done by then (a catch-up is a step or two), while on a board
-# whose other programs keep the core busy, the work, at nice 19, may take seconds. The rounds
-# then go on at plain speed instead of stalling.
-BACKGROUND_WAIT_S = 0.25
-
 
 @dataclass
 class GenerationResult:
@@ -313,14 +306,14 @@ class Agent:
         result = GenerationResult()
         length = DraftLength(self.draft_tokens)
         t0 = time.perf_counter()
-        if self.source is not None:  # first: a drafter evaluates the prompt while the session opens
-            self.source.start(prompt, messages)
         created = self._open(request, result)
         session, hint, round_no = created.session_id, created.draft_hint, 1
         result.seed = created.seed
         result.prompt_tokens = created.prompt_tokens
         if created.seed is not None:
             request = request.model_copy(update={"seed": created.seed})
+        if self.source is not None:
+            self.source.start(prompt, messages)
         tli_mapping = self._tli_mapping(request)
         chains: deque[_Chained] = deque()  # rounds in flight behind the one awaited, whose bets hold
         try:
@@ -341,13 +334,10 @@ class Agent:
                         proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
                     stop_at: Callable[[float], bool] | None = None
                     if self.controller is not None and proposer is None:
-                        decision = self.controller.choose(k, free_steps=self._carried(),
-                                                          ready=self.model is None or self.model.drafter.prompt_ready)
+                        decision = self.controller.choose(k, free_steps=self._carried())
                         result.decisions.append(decision.as_dict())
                         k = decision.k
                         stop_at = partial(operator.gt, decision.threshold)  # below the threshold: stop
-                    if k > 0 and self.model is not None and not self.model.drafter.wait_ready(BACKGROUND_WAIT_S):
-                        k = 0  # a board too busy for the drafter's background work: no draft, no wait
                     t_draft = time.perf_counter()
                     draft, tli = self._draft(k, proposer, stop_at)
                     draft_s = time.perf_counter() - t_draft

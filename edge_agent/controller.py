@@ -41,8 +41,7 @@ without a draft now and then, and drafts nothing while those measure faster: dra
 the device its plain speed. Rounds that drafted the hint (the warm-up, explorations) are measured
 apart, so that their long drafts do not make the controller's short ones look slow. The warm-up
 opens with a short probe (``PROBE_DRAFT`` tokens), which measures the board and the link for
-little more than a round without a draft costs (and waits, sending rounds without a draft, while
-the drafter still evaluates the prompt); where the probe (or a later warm-up round)
+little more than a round without a draft costs; where the probe (or a later warm-up round)
 already measures slower than the model predicts for rounds without a draft (a slow drafter next
 to a fast verifier), the warm-up ends there; while rounds without a draft measure faster, the
 explorations come four times less often.
@@ -216,14 +215,13 @@ class DraftController:
         previous round was in flight."""
         return max(k - free_steps, 0) * (self.step_s or 0.0) + (self.rtt_s or 0.0) + self.server_s(k)
 
-    def choose(self, hint: int, free_steps: int = 0, ready: bool = True) -> Decision:
+    def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
         committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
         round or two of evidence would swing it; fewer where those already lose to the predicted
         rounds without a draft), after a first probe of ``PROBE_DRAFT`` tokens (a 10-token draft
         of a slow board costs several rounds without one, before anything says whether drafting
-        pays; while the drafter is not ``ready`` to draft, the probe waits, and rounds without a
-        draft measure the link meanwhile), and every ``EXPLORE_EVERY``-th round (so that
+        pays), and every ``EXPLORE_EVERY``-th round (so that
         long drafts stay measured; while rounds without a draft are faster, that round drafts the
         best length instead, to keep drafted rounds measured at a small cost)."""
         limit = min(hint, self.cap)
@@ -235,9 +233,6 @@ class DraftController:
         plain_faster = self.plain_measures_faster()
         explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
         self.forced = warming or (explore and not plain_faster)
-        if self.forced and self.observed == 0 and not ready:
-            self.forced = False
-            return Decision(0, hint, 1.0, self.round_s(0), threshold)
         if self.forced:
             k = min(limit, PROBE_DRAFT) if self.observed == 0 else limit
             return Decision(k, hint, self.expected_tokens(k), math.nan, threshold)

@@ -131,8 +131,8 @@ class ModelSource:
 
     def commit(self, text: bytes) -> None:
         predicted = self.sent + self.ahead
-        if not predicted:  # a round without a draft: no look-ahead to confirm, no one waits for the ids
-            self.drafter.catch_up(text)
+        if not predicted:  # a round without a draft: no look-ahead to confirm, the ids can wait
+            self.drafter.defer(text)
             self.carried = []
             return
         new = self.drafter.commit(text)
