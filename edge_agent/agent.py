@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 import time
 import uuid
 from collections import deque
@@ -116,6 +117,11 @@ class DraftLength:
             return 0
         per_drafter = (self.target_seen + self.PRIOR) / (self.drafter_sent + self.PRIOR)
         return min(self.cap, max(1, round(hint / per_drafter)))
+
+
+class GenerationCancelled(Exception):
+    """The caller cancelled the generation (``Agent.generate``'s ``cancel`` was set): it stopped
+    before its next round and its verifier session was deleted."""
 
 
 def _replica_lost(e: VerifierError) -> bool:
@@ -296,10 +302,15 @@ class Agent:
         stop: list[str] | None = None,
         on_text: Callable[[bytes], None] | None = None,
         sampling: SamplingOptions | None = None,
+        cancel: threading.Event | None = None,
     ) -> GenerationResult:
         """Generate one completion. ``sampling`` defaults to greedy decoding; a sampled session
         without a seed gets one from the server (``GenerationResult.seed``), and a session rebuilt
-        on another replica keeps it, so its output continues exactly."""
+        on another replica keeps it, so its output continues exactly.
+
+        ``cancel`` (set from another thread, e.g. when the daemon's client disconnects) stops the
+        generation before its next round with ``GenerationCancelled``; the verifier session is
+        deleted either way, so an abandoned generation stops using the verifier at once."""
         request = SessionCreate(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop or [],
                                 idempotency_key=uuid.uuid4().hex,
                                 **(sampling or SamplingOptions()).model_dump())
@@ -318,6 +329,8 @@ class Agent:
         chains: deque[_Chained] = deque()  # rounds in flight behind the one awaited, whose bets hold
         try:
             while True:
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"generation cancelled after {result.rounds} rounds")
                 t_start = time.perf_counter()
                 future: Future[VerifyResponse] | None = None
                 tli: TliProposer | None = None
