@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PROTOCOL_VERSION = 1
 MAX_CHAINED = 3  # unanswered rounds a chained round may follow: at most four rounds in flight
 API_PREFIX = "/v1"
+# Stop strings a session may give, and the bytes of each: the verifier matches every committed byte
+# against each of them, so both are bounded (OpenAI allows 4; 256 bytes holds any end marker).
+MAX_STOPS = 16
+MAX_STOP_BYTES = 256
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -56,7 +60,7 @@ class SessionCreate(SamplingOptions):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int = Field(default=128, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     resume_ids: list[int] = Field(default_factory=list)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
 
@@ -68,6 +72,8 @@ class SessionCreate(SamplingOptions):
             raise ValueError("'messages' must not be empty")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(len(s.encode()) > MAX_STOP_BYTES for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_BYTES} bytes (UTF-8) each")
         return self
 
 
