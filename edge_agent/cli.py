@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,15 @@ import yaml
 from pydantic import BaseModel
 
 from edge_agent.client import VerifierClient, VerifierError
-from edge_agent.options import DEFAULT_SERVER, add_agent_args, device_token, load_drafter, make_agent, open_client
+from edge_agent.options import (
+    DEFAULT_SERVER,
+    add_agent_args,
+    device_token,
+    load_drafter,
+    make_agent,
+    open_client,
+    read_secret,
+)
 from shared.models import ModelError
 from shared.protocol import ChatMessage
 from shared.sampling import add_sampling_args, options_from_args
@@ -41,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--queue", type=int, default=None, help="requests waiting beyond those; then 429 (default 8)")
     d.add_argument("--fallback", choices=("none", "local"), default=None,
                    help="local: when no verifier answers, reply from the drafter alone, marked as such")
+    d.add_argument("--api-key-file", type=Path, default=None,
+                   help="file holding the key local apps must send (OpenAI's 'Authorization: Bearer'); "
+                        "needed to listen beyond loopback")
+    d.add_argument("--insecure-listen", action="store_true",
+                   help="listen beyond loopback without an API key (anyone who reaches the port may generate)")
     # Unset means: the fleet file's setting, else the built-in default.
     d.set_defaults(drafter=None, draft_tokens=None, timeout=None, deadline=None, max_tokens=256)
 
@@ -58,6 +72,32 @@ def _parser() -> argparse.ArgumentParser:
 def _overridden(model: M, **flags: Any) -> M:
     """``model`` with the flags that were given (not None) applied, validated again."""
     return type(model).model_validate({**model.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the API on this machine. A host name other than localhost
+    may resolve to anything, so it counts as beyond loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_api_key(host: str, key_file: Path | None, insecure: bool) -> str | None:
+    """The key local apps must send, if any. The API generates on the device's account, so it
+    is refused beyond loopback without a key unless ``--insecure-listen`` says so."""
+    if key_file is not None:
+        return read_secret(key_file, "--api-key-file")
+    if not _is_loopback(host):
+        if not insecure:
+            raise ValueError(f"refusing to serve the API on {host} without an API key: give --api-key-file FILE "
+                             "(apps send it as 'Authorization: Bearer KEY'), listen on 127.0.0.1, or pass "
+                             "--insecure-listen")
+        print(f"sled-agent: WARNING: serving the API on {host} without an API key (--insecure-listen)",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -80,16 +120,20 @@ def _serve(args: argparse.Namespace) -> None:
     settings = _overridden(settings, drafter=args.drafter, threads=args.threads, max_draft_tokens=args.draft_tokens,
                            fallback=args.fallback, api=_overridden(settings.api, host=args.host, port=args.port,
                                                                    concurrency=args.concurrency, queue=args.queue))
+    api_key = _local_api_key(settings.api.host, args.api_key_file, args.insecure_listen)  # before anything loads
     drafters = [load_drafter(settings.drafter, settings.threads, settings.context, settings.gpu_layers,
                              args.draft_slowdown) for _ in range(settings.api.concurrency)]
     try:
         with VerifierClient(verifier.urls, timeout_s=5, retries=0, token=token) as client:
-            model = client.info().model
+            info = client.info()
+        model, limits = info.model, info.limits
     except VerifierError:
-        model = "sled"  # the verifier is not up yet: the name is only a label for /v1/models
+        # The verifier is not up yet: the name is only a label for /v1/models, and the daemon asks
+        # for the limits at its first request.
+        model, limits = "sled", None
     config = DaemonConfig(verifier, settings, model, max_tokens=args.max_tokens, sampling_mode=args.sampling,
                           follow_hint=not args.fixed_draft, token=token, adaptive=args.adaptive,
-                          pipelined=args.pipelined)
+                          pipelined=args.pipelined, api_key=api_key, verifier_limits=limits)
     api = settings.api
     print(f"sled-agent: serving the OpenAI API on http://{api.host}:{api.port}/v1 "
           f"(verifier: {', '.join(verifier.urls)})", file=sys.stderr, flush=True)

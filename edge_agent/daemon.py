@@ -5,19 +5,28 @@ Each generation runs the synchronous round loop (``Agent``) in a worker thread w
 its own, taken from a pool (the GGUF file is memory-mapped, so the weights are shared); at most
 ``concurrency`` generate at once, at most ``queue`` more wait, and beyond that a request gets a 429.
 Streaming turns the committed text of each round into OpenAI chunks as it arrives.
+
+A request whose client goes away cancels its generation: it stops before its next round and
+deletes its verifier session, and its drafter returns to the pool only once the worker thread has
+finished (a llama.cpp context must never be used by two threads). With an API key set, every
+endpoint but ``/healthz`` wants it as OpenAI's ``Authorization: Bearer`` header.
 """
 from __future__ import annotations
 
 import asyncio
 import codecs
 import contextlib
+import hmac
 import json
+import logging
 import random
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
@@ -29,6 +38,9 @@ from edge_agent.drafter import Drafter
 from edge_agent.drafting import DraftSource, gguf_drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
 from shared.fleet import DeviceSettings, Verifier
+from shared.protocol import Limits
+
+log = logging.getLogger("sled.agent")
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class DaemonConfig:
     token: str | None = None  # this device's bearer token for the verifier
     adaptive: bool = False  # the device's draft controller (edge_agent.controller)
     pipelined: bool = False  # drafting while a round is in flight
+    api_key: str | None = None  # local apps must send it (``Authorization: Bearer``); None: no check
+    verifier_limits: Limits | None = None  # the verifier's /v1/info limits if known at start, else asked once
 
 
 class Metrics:
@@ -71,48 +85,98 @@ class Metrics:
             self.round_trip.observe(seconds)
 
 
+def no_verifier_answered(e: VerifierError) -> bool:
+    """Whether the local fallback may answer: no verifier answered at all (unreachable, or a
+    5xx). A verifier's 4xx (prompt too long, a bad token, over the device's limits) is the true
+    answer, and drafter-only text in its place would hide it from the app."""
+    return e.status == 0 or e.status >= 500
+
+
+def _key_matches(request: Request, key: str) -> bool:
+    """Whether the request carries ``key`` as ``Authorization: Bearer``; compared in constant
+    time, so that the answer's timing tells nothing about the key."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone. The body has been read, so the next ASGI message is the
+    disconnect (or the end of the exchange, once the answer is sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | None]) -> FastAPI:
     """The app; ``drafters`` holds one drafter per concurrent generation (or None: no drafting)."""
-    app = FastAPI(title="sled agent")
+
+    def authorize(request: Request) -> None:
+        if config.api_key is not None and request.url.path != "/healthz" and not _key_matches(request, config.api_key):
+            raise ApiError(401, "this daemon needs its API key, sent as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    app = FastAPI(title="sled agent", dependencies=[Depends(authorize)])
     metrics = Metrics()
     api, retry = config.settings.api, config.verifier.retry
     pool: asyncio.Queue[Drafter | DraftSource | None] = asyncio.Queue()
     for d in drafters[: api.concurrency]:
         pool.put_nowait(d)
+    # One thread per pooled drafter: a generation holds both until its round loop has returned.
+    workers = ThreadPoolExecutor(max_workers=max(pool.qsize(), 1), thread_name_prefix="sled-generate")
     waiting = 0
     # The draft controller of each pooled drafter (--adaptive): it measures the device, its link and
     # its drafter, so it is kept from one request to the next rather than learned anew each time.
     controllers: dict[int, DraftController] = {}
+    # A generation fits the drafter's context (the fleet setting its drafters were loaded with) and
+    # the verifier's; the verifier's is asked once, when the first request needs it.
+    drafter_context = config.settings.context if any(gguf_drafter(d) for d in drafters) else None
+    verifier_context = config.verifier_limits.max_context_tokens if config.verifier_limits else None
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> Response:
+        """Any other failure still answers in OpenAI's format (uvicorn logs the traceback)."""
+        return await _api_error(request, ApiError.internal())
 
     def refuse_when_full() -> None:
         if pool.empty() and waiting >= api.queue:
             raise ApiError(429, f"{api.concurrency} generations running and {waiting} waiting: retry later",
                            kind="rate_limit_exceeded")
 
-    @contextlib.asynccontextmanager
-    async def drafter_slot() -> AsyncIterator[Drafter | DraftSource | None]:
+    async def take_drafter() -> Drafter | DraftSource | None:
         """A drafter for one generation; waits in the bounded queue, or refuses with a 429."""
         nonlocal waiting
         refuse_when_full()
         waiting += 1
         try:
-            drafter = await pool.get()
+            return await pool.get()
         finally:
             waiting -= 1
-        try:
-            yield drafter
-        finally:
-            pool.put_nowait(drafter)
 
-    def generate(drafter: Drafter | DraftSource | None, req: ChatRequest | CompletionRequest,
-                 on_text: Callable[[bytes], None] | None) -> GenerationResult:
+    @contextlib.asynccontextmanager
+    async def generation(req: ChatRequest | CompletionRequest, max_tokens: int,
+                         on_text: Callable[[bytes], None] | None) -> AsyncIterator[asyncio.Future[GenerationResult]]:
+        """One generation on a pooled drafter in a worker thread; yields its result to await.
+        Leaving the block sets its cancel event, which stops a generation still running (its
+        request went away) before its next round. The drafter goes back to the pool when the
+        thread has finished, not when the block is left."""
+        drafter = await take_drafter()
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        job = workers.submit(generate, drafter, req, max_tokens, on_text, cancel)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(pool.put_nowait, drafter))
+        try:
+            yield asyncio.wrap_future(job, loop=loop)
+        finally:
+            cancel.set()
+
+    def generate(drafter: Drafter | DraftSource | None, req: ChatRequest | CompletionRequest, max_tokens: int,
+                 on_text: Callable[[bytes], None] | None, cancel: threading.Event) -> GenerationResult:
         prompt, messages = (None, [m.plain() for m in req.messages]) if isinstance(req, ChatRequest) else (req.text(), None)
-        limit = req.limit(config.max_tokens)
         # Sessions spread over the replicas; each fails over to the next one on its own.
         urls = config.verifier.urls
         with VerifierClient(urls, timeout_s=config.verifier.timeout_s, retries=retry.attempts, backoff_s=retry.backoff_s,
@@ -125,15 +189,33 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
             if agent.controller is not None:  # what it learned serves the drafter's next request
                 controllers[id(drafter)] = agent.controller
             try:
-                return agent.generate(prompt, messages, limit, req.stops(), on_text, req.sampling())
-            except VerifierError:
+                return agent.generate(prompt, messages, max_tokens, req.stops(), on_text, req.sampling(), cancel)
+            except VerifierError as e:
                 model = gguf_drafter(drafter)
-                if not (config.settings.fallback == "local" and model is not None):
+                if not (config.settings.fallback == "local" and model is not None and no_verifier_answered(e)):
                     raise
-        result = local_generate(model, prompt, messages, limit, req.stops())
+        result = local_generate(model, prompt, messages, max_tokens, req.stops())
         if on_text is not None and result.text:
             on_text(result.text)
         return result
+
+    def ask_verifier_context() -> int | None:
+        """The verifier's context per session from its /v1/info (the first replica that answers);
+        None while none does: then the verifier's own 413 is the limit."""
+        with VerifierClient(config.verifier.urls, timeout_s=5, retries=0, token=config.token) as client:
+            for _ in client.urls:
+                try:
+                    return client.info().limits.max_context_tokens
+                except VerifierError:
+                    client.failover()
+        return None
+
+    async def token_cap() -> int | None:
+        nonlocal verifier_context
+        if verifier_context is None:
+            verifier_context = await asyncio.to_thread(ask_verifier_context)
+        known = [c for c in (drafter_context, verifier_context) if c is not None]
+        return min(known) if known else None
 
     async def serve(request: Request, model: type[ChatRequest] | type[CompletionRequest]) -> Response:
         """Every request is counted once by status: refusals by the ApiError handler, answers here
@@ -147,13 +229,22 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
             raise ApiError(400, f"{field or 'body'}: {err['msg']}", field) from None
         req.check_supported()
         req.sampling()  # a bad sampling value is a 400 before anything starts
+        max_tokens = req.limit(config.max_tokens, await token_cap())
         reply = Reply(chat=model is ChatRequest, model=config.model_name)
         if req.stream:
             refuse_when_full()  # a 429 while a status can still be sent
-            return StreamingResponse(stream(req, reply, endpoint), media_type="text/event-stream")
-        async with drafter_slot() as drafter:
+            return StreamingResponse(stream(req, max_tokens, reply, endpoint), media_type="text/event-stream")
+        async with generation(req, max_tokens, None) as work:
+            gone = asyncio.ensure_future(_disconnected(request))
+            racing: list[asyncio.Future[Any]] = [work, gone]
             try:
-                result = await asyncio.to_thread(generate, drafter, req, None)
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not work.done():  # nobody reads this answer; leaving the block cancels the generation
+                raise ApiError(499, "the client closed the request", kind="client_closed")
+            try:
+                result = work.result()
             except VerifierError as e:
                 raise ApiError.from_verifier(e) from None
         metrics.record(result)
@@ -162,25 +253,35 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
         return JSONResponse(reply.complete(result.text.decode(errors="replace"), result, result.prompt_tokens),
                             headers=headers)
 
-    async def stream(req: ChatRequest | CompletionRequest, reply: Reply, endpoint: str) -> AsyncIterator[str]:
+    def stream_error(e: Exception) -> ApiError:
+        """The error chunk for a failure once the status line has gone."""
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, VerifierError):
+            return ApiError.from_verifier(e)
+        log.error("a streamed generation failed", exc_info=e)
+        return ApiError.internal()
+
+    async def stream(req: ChatRequest | CompletionRequest, max_tokens: int, reply: Reply,
+                     endpoint: str) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        try:
-            async with drafter_slot() as drafter:
-                yield _sse(reply.chunk(None, first=True))
-                def on_text(piece: bytes) -> None:  # on the worker thread
-                    loop.call_soon_threadsafe(chunks.put_nowait, piece)
 
-                work = asyncio.ensure_future(asyncio.to_thread(generate, drafter, req, on_text))
+        def on_text(piece: bytes) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(chunks.put_nowait, piece)
+
+        try:
+            async with generation(req, max_tokens, on_text) as work:
+                yield _sse(reply.chunk(None, first=True))
                 work.add_done_callback(lambda _: chunks.put_nowait(None))
                 while (piece := await chunks.get()) is not None:
                     if text := decoder.decode(piece):
                         yield _sse(reply.chunk(text))
                 result = await work
-        except (ApiError, VerifierError) as e:  # the status line has gone: the error is a chunk
-            error = e if isinstance(e, ApiError) else ApiError.from_verifier(e)
+        except Exception as e:  # the status line has gone: the error is a chunk, and the stream ends
+            error = stream_error(e)
             metrics.requests.labels(endpoint, str(error.status)).inc()
             yield _sse(error.body())
         else:

@@ -11,10 +11,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.agent import GenerationResult
-from shared.protocol import ChatMessage, SamplingOptions
+from edge_agent.client import VerifierError
+from shared.protocol import MAX_STOP_BYTES, MAX_STOPS, ChatMessage, SamplingOptions
 
 SYSTEM = "sled-speculative"  # the target's own output, verified
 LOCAL_FALLBACK = "sled-local-fallback"  # the drafter alone: no verifier was reachable
@@ -26,20 +27,29 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: None}
 class ApiError(Exception):
     """An error in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     @classmethod
-    def from_verifier(cls, e: Exception) -> ApiError:
-        """A verifier's refusal keeps its 4xx; an unreachable or failing verifier is a 503."""
-        status = getattr(e, "status", 0)
-        if status == 0 or status == 404 or status >= 500:
+    def from_verifier(cls, e: VerifierError) -> ApiError:
+        """A verifier's refusal keeps its 4xx, except that a refused device token is a 502: the
+        app's own key is not at fault (a 401 would say it is). An unreachable or failing verifier
+        is a 503."""
+        if e.status == 0 or e.status == 404 or e.status >= 500:
             return cls(503, str(e), kind="server_error")
-        return cls(status, str(e))
+        if e.status in (401, 403):
+            return cls(502, f"the verifier refused this device's token: {e}", kind="server_error")
+        return cls(e.status, str(e))
+
+    @classmethod
+    def internal(cls) -> ApiError:
+        """Any other failure: a 500 that names no internals (the daemon's log has them)."""
+        return cls(500, "the generation failed inside the daemon (its log says why)", kind="server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class StreamOptions(BaseModel):
@@ -86,8 +96,33 @@ class _Request(BaseModel):
             if bad:
                 raise ApiError(400, f"'{field}' is not supported by this server", field)
 
-    def limit(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """The verifier's bounds, checked here so that the app gets a 400 naming ``stop`` rather
+        than a failed session."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings ({len(stops)} given)")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s.encode()) > MAX_STOP_BYTES for s in stops):
+            raise ValueError(f"each stop string is at most {MAX_STOP_BYTES} bytes in UTF-8")
+        return stop
+
+    def limit(self, default: int, cap: int | None) -> int:
+        """The token budget: ``max_completion_tokens``, else ``max_tokens``, else ``default``.
+        ``cap`` (the smaller of the drafter's and the verifier's context, None if neither is
+        known) bounds it: asking for more is a 400 naming the field given, since no generation
+        could ever reach it; the default is only lowered to it."""
+        for field in ("max_completion_tokens", "max_tokens"):
+            asked: int | None = getattr(self, field)
+            if asked is None:
+                continue
+            if cap is not None and asked > cap:
+                raise ApiError(400, f"'{field}' is {asked}, beyond the {cap} tokens this device's context holds", field)
+            return asked
+        return default if cap is None else min(default, cap)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -168,8 +203,8 @@ class Reply:
     def complete(self, text: str, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
         finish = FINISH[result.finish_reason]
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
+            message = {"role": "assistant", "content": text, "refusal": None}  # OpenAI requires refusal
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             out = self._envelope("chat.completion", [choice], usage=usage(prompt_tokens, result),
                                  sled=speculation(result))
         else:

@@ -46,14 +46,23 @@ def add_agent_args(ap: argparse.ArgumentParser) -> None:
                     help=f"file holding this device's verifier token (default: ${TOKEN_ENV}, if set)")
 
 
+def read_secret(path: Path, flag: str) -> str:
+    """The secret held in ``path`` (named by ``flag``), stripped; a clear error when it cannot be
+    read or is empty (an empty key would let anyone in, or send no token)."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not secret:
+        raise ValueError(f"{flag} {path} is empty")
+    return secret
+
+
 def device_token(path: Path | None) -> str | None:
     """This device's bearer token: from ``path``, else the ``SLED_TOKEN`` environment variable."""
     if path is None:
         return os.environ.get(TOKEN_ENV, "").strip() or None
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ValueError(f"cannot read --token-file {path}: {e.strerror}") from None
+    return read_secret(path, "--token-file")
 
 
 def load_drafter(name: str, threads: int | None, context: int = 4096, gpu_layers: int = 0,
