@@ -2,15 +2,18 @@
 
 The fake keeps a token list per KV sequence with llama.cpp's rollback semantics, refuses a write
 that would leave a gap, and answers with a deterministic function of each sequence's tokens, so a
-round that ran on the wrong KV state gives a wrong token. No model is involved.
+round that ran on the wrong KV state gives a wrong token. No model is involved. Its ``Gate`` holds
+a pass and says when one is held: the races below are staged in the order they name, never timed.
 """
 from __future__ import annotations
 
 import asyncio
 import pickle
-import threading
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
+from test_scheduler import Gate
 
 from verifier_server.acceptance import GREEDY
 from verifier_server.llama.runner import LlamaRunner
@@ -48,11 +51,10 @@ class FakeBackend:
         self.tokenizer = Tokenizer()
         self.kv: dict[int, list[int]] = {s: [] for s in range(n_slots)}
         self.passes: list[list[tuple[int, list[int]]]] = []
-        self.gate = threading.Event()
-        self.gate.set()
+        self.gate = Gate()
 
     def forward(self, items):
-        self.gate.wait(10)
+        self.gate.enter(items)
         self.passes.append([(it.slot, list(it.tokens)) for it in items])
         out = []
         for it in items:
@@ -79,6 +81,15 @@ class FakeBackend:
 
 def runner_for(backend: FakeBackend, **kw) -> LlamaRunner:
     return LlamaRunner(backend, token_budget=64, wait_window_s=0.0, calibration_sizes=(1, 2), **kw)
+
+
+async def started(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    """A task for ``coro`` that has taken its first step: a round's first step queues its job, or
+    its place in the line for a slot (nothing in it awaits before that). The tests then check the
+    runner's counters, so a step that went elsewhere fails them instead of testing another race."""
+    task = asyncio.create_task(coro)
+    await asyncio.sleep(0)  # one turn of the loop: not a wait for time
+    return task
 
 
 async def generate(runner: LlamaRunner, key: str, ids: list[int], rounds: int, draft_len: int = 3) -> list[int]:
@@ -126,23 +137,25 @@ def test_a_round_cancelled_in_the_queue_never_reaches_the_slots_next_owner():
         c_ids, a_ids, b_ids = [1, 2, 3], [40, 41, 42], [7, 8, 9]
         await runner.prefill("c", c_ids)
         await runner.prefill("a", a_ids)
-        backend.gate.clear()
-        c_round = asyncio.create_task(runner.verify("c", c_ids, [], GREEDY))  # holds the pass
-        await asyncio.sleep(0.05)
-        a_round = asyncio.create_task(runner.verify("a", a_ids, [33, 34], GREEDY))  # queued
-        await asyncio.sleep(0.05)
+        backend.gate.close()
+        c_round = asyncio.create_task(runner.verify("c", c_ids, [], GREEDY))
+        await backend.gate.holding()  # c's round holds the pass
+        a_round = await started(runner.verify("a", a_ids, [33, 34], GREEDY))
+        a_queued = runner.stats()["queued_jobs"]  # behind c's pass
         a_round.cancel()  # a client went away
         await asyncio.gather(a_round, return_exceptions=True)
-        b_task = asyncio.create_task(generate(runner, "b", b_ids, rounds=3))  # takes a's slot
-        await asyncio.sleep(0.05)
-        backend.gate.set()
+        b_task = await started(generate(runner, "b", b_ids, rounds=3))  # takes a's slot
+        b_took_over = runner.stats()  # b's prompt queued in the place of a's round
+        backend.gate.open()
         b_out = await b_task
         await c_round
         a_out = await generate(runner, "a", a_ids, rounds=2)  # a comes back: restored, exact
-        return b_ids, b_out, a_ids, a_out
+        return a_queued, b_took_over, b_ids, b_out, a_ids, a_out
 
-    b_ids, b_out, a_ids, a_out = asyncio.run(main())
+    a_queued, b_took_over, b_ids, b_out, a_ids, a_out = asyncio.run(main())
     runner.close()
+    assert a_queued == 1
+    assert b_took_over["evictions"] == 1 and b_took_over["queued_jobs"] == 1
     assert all(tokens[-2:] != [33, 34] for p in backend.passes for _, tokens in p)
     for p in backend.passes:
         assert len({slot for slot, _ in p}) == len(p), "two jobs of one slot in a pass"
@@ -151,26 +164,28 @@ def test_a_round_cancelled_in_the_queue_never_reaches_the_slots_next_owner():
 
 
 def test_a_round_cancelled_during_its_pass_keeps_its_slot_until_the_pass_ends():
+    """The cancelled round is not withdrawn (a pass has it): it runs to its end on its slot, and
+    the session that wants the slot waits in line, nothing of it queued, until that pass is over."""
     backend = FakeBackend(n_slots=1)
     runner = runner_for(backend)
+    a_ids, b_ids = [40, 41, 42], [7, 8, 9]
 
     async def main():
-        a_ids, b_ids = [40, 41, 42], [7, 8, 9]
         await runner.prefill("a", a_ids)
-        backend.gate.clear()
+        backend.gate.close()
         a_round = asyncio.create_task(runner.verify("a", a_ids, [1, 2, 3, 4], GREEDY))
-        await asyncio.sleep(0.05)  # in the pass now
+        await backend.gate.holding()  # a's round is in the pass now
         a_round.cancel()
         await asyncio.gather(a_round, return_exceptions=True)
-        b_task = asyncio.create_task(generate(runner, "b", b_ids, rounds=2))
-        await asyncio.sleep(0.05)
-        in_use_while_a_runs = runner.slots.in_use
-        backend.gate.set()
-        return in_use_while_a_runs, b_ids, await b_task
+        b_task = await started(generate(runner, "b", b_ids, rounds=2))
+        while_a_runs = runner.stats()
+        backend.gate.open()
+        return while_a_runs, await b_task
 
-    in_use, b_ids, b_out = asyncio.run(main())
+    while_a_runs, b_out = asyncio.run(main())
     runner.close()
-    assert in_use == 1
+    assert while_a_runs["slot_waiters"] == 1 and while_a_runs["queued_jobs"] == 0  # b waits for the slot
+    assert any((0, [42, 1, 2, 3, 4]) in p for p in backend.passes)  # a's round ran to its end
     assert b_out[len(b_ids):] == reference(b_ids, len(b_out) - len(b_ids))
 
 
@@ -180,14 +195,13 @@ def test_releasing_a_session_with_a_round_in_flight_frees_everything_after_the_p
 
     async def main():
         await runner.prefill("a", [1, 2, 3])
-        backend.gate.clear()
+        backend.gate.close()
         a_round = asyncio.create_task(runner.verify("a", [1, 2, 3], [4], GREEDY))
-        await asyncio.sleep(0.05)
+        await backend.gate.holding()  # a's round is in the pass now
         runner.release("a")
-        held_during = runner.slots.in_use
-        backend.gate.set()
+        held_during = runner.stats()["slots_in_use"]
+        backend.gate.open()
         await a_round
-        await asyncio.sleep(0)
         return held_during
 
     held_during = asyncio.run(main())
@@ -208,16 +222,18 @@ def test_sessions_waiting_for_a_slot_are_served_in_arrival_order():
         order.append(key)
 
     async def main():
-        backend.gate.clear()
-        first = asyncio.create_task(round_of("owner"))  # takes the slot, stuck in its pass
-        await asyncio.sleep(0.05)
-        waiting = [asyncio.create_task(round_of(k)) for k in ("b", "c")]
-        await asyncio.sleep(0.05)
-        backend.gate.set()
+        backend.gate.close()
+        first = asyncio.create_task(round_of("owner"))
+        await backend.gate.holding()  # the owner took the slot and is in its pass
+        waiting = [await started(round_of(k)) for k in ("b", "c")]
+        in_line = runner.stats()["slot_waiters"]
+        backend.gate.open()
         await first
-        late = asyncio.create_task(round_of("late"))  # arrives while b and c still wait their turn
+        late = asyncio.create_task(round_of("late"))  # arrives while c still waits its turn
         await asyncio.gather(*waiting, late)
+        return in_line
 
-    asyncio.run(main())
+    in_line = asyncio.run(main())
     runner.close()
+    assert in_line == 2
     assert order == ["owner", "b", "c", "late"]

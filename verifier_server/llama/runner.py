@@ -105,6 +105,7 @@ class LlamaRunner:
             "cost_curve_s": self.load.curve.as_dict(),
             "batch_sizes": {str(b): c for b, c in sorted(st.batch_sizes.items())},
             "queued_jobs": st.queued_jobs,
+            "slot_waiters": sum(1 for _, turn in self._slot_waiters if not turn.done()),  # every slot mid-round
             "evictions": self.evictions,
             "rebuilds": self.rebuilds,
         }

@@ -72,10 +72,12 @@ class PassStats:
 
 
 class Scheduler:
-    def __init__(self, backend: ForwardBackend, token_budget: int, wait_window_s: float = 0.002) -> None:
+    def __init__(self, backend: ForwardBackend, token_budget: int, wait_window_s: float = 0.002,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.token_budget = token_budget
         self.wait_window_s = wait_window_s
+        self._clock = clock  # the wait window's; a test moves its own instead of waiting for real time
         self._cv = threading.Condition()
         # --- shared with the event loop: only under self._cv ---
         self._queue: deque[Job] = deque()
@@ -166,9 +168,9 @@ class Scheduler:
         fast one the wait stays within the configured window."""
         recent = list(self._recent)[-16:]
         mean_pass = sum(p.seconds for p in recent) / len(recent) if recent else 0.0
-        deadline = time.monotonic() + max(self.wait_window_s, WAIT_FRACTION * mean_pass)
+        deadline = self._clock() + max(self.wait_window_s, WAIT_FRACTION * mean_pass)
         while not self._stopped and not self._calls and len(self._queue) < self._expected_rounds:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 break
             self._cv.wait(remaining)
