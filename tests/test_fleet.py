@@ -1,18 +1,21 @@
-"""One verifier for a fleet: concurrent devices batched together, more sessions than KV slots."""
+"""One verifier for a fleet: concurrent devices batched together, more sessions than KV slots,
+idle sessions expiring, lost sessions recovered."""
 from __future__ import annotations
 
-import time
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from test_llama_runner import FakeBackend, runner_for
 
 from edge_agent.agent import Agent
-from edge_agent.client import VerifierClient, VerifierError
+from edge_agent.client import VerifierClient
 from edge_agent.drafter import Drafter
 from shared.models import resolve
-from shared.protocol import SamplingOptions, SessionCreate
+from shared.protocol import SamplingOptions, SessionCreate, SessionCreated, VerifyRequest
 from shared.sampling import Sampling
+from verifier_server.engine import Engine, EngineConfig, NotFound
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 
@@ -110,33 +113,67 @@ def test_more_sessions_than_slots_stay_lossless(verifier, reference_backend, par
     assert httpx.get(f"{server.url}/v1/info").json()["limits"]["sequence_slots"] == 2
 
 
-@pytest.mark.slow
-def test_idle_sessions_expire(verifier):
-    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--session-ttl", "1")
-    with VerifierClient(server.url) as client:
-        old = client.create_session(SessionCreate(prompt="a", max_tokens=4)).session_id
-        time.sleep(1.5)
-        client.create_session(SessionCreate(prompt="b", max_tokens=4))  # expiry runs on creation too
-        with pytest.raises(VerifierError, match="unknown session") as err:
-            client.verify(old, 1, b"")
-    assert err.value.status == 404
+def _idle_for(engine: Engine, session_id: str, seconds: float) -> None:
+    """What ``seconds`` more on the clock do to this one session: its last use moves back. (The
+    engine reads ``time.monotonic()`` and takes no clock; its time-to-live compares the two.)"""
+    engine.sessions[session_id].last_used -= seconds
+
+
+def test_idle_sessions_expire_and_give_back_their_slots():
+    """At the next creation, a session idle for longer than the time-to-live is gone (404) and its
+    KV slot is free; one idle for a little less is kept and still verifies. The engine runs over
+    the real llama.cpp runner on a fake backend: no model, no waiting for the TTL."""
+    ttl = 600.0
+    runner = runner_for(FakeBackend(n_slots=3))
+
+    async def main() -> dict:
+        engine = Engine(runner, EngineConfig(session_ttl_s=ttl))
+        idle, recent = [(await engine.create(SessionCreate(prompt=p, max_tokens=4))).session_id
+                        for p in ("an idle one", "a recent one")]
+        _idle_for(engine, idle, ttl + 1)
+        _idle_for(engine, recent, ttl - 1)
+        held_before = runner.stats()["slots_in_use"]
+        await engine.create(SessionCreate(prompt="a new one", max_tokens=4))  # expiry runs on creation
+        with pytest.raises(NotFound, match="unknown session"):
+            await engine.verify(idle, VerifyRequest(round=1))
+        assert (await engine.verify(recent, VerifyRequest(round=1))).ids
+        return {"held_before": held_before, **runner.stats()}
+
+    stats = asyncio.run(main())
+    runner.close()
+    assert stats["held_before"] == 2 and stats["slots_in_use"] == 2  # the new session took the idle one's
+
+
+class _RecordingClient(VerifierClient):
+    """A verifier client that remembers the sessions it opened (the agent's own, here)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.opened: list[str] = []
+
+    def create_session(self, req: SessionCreate) -> SessionCreated:
+        created = super().create_session(req)
+        self.opened.append(created.session_id)
+        return created
 
 
 @pytest.mark.slow
 def test_agent_recovers_a_lost_session_with_the_same_output(verifier, reference_backend):
-    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--session-ttl", "1")
+    """The agent's session disappears mid-generation (deleted, as an expiry or a restarted replica
+    would lose it): its next round gets 404 and it resumes from its ids, with the same output."""
+    server = verifier(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--parked-mb", "64")
     prompt = RAW[0]
-    with VerifierClient(server.url) as client:
+    with _RecordingClient(server.url) as client:
         expected = Agent(client, None).generate(prompt, max_tokens=24)
-        lost = []
+        lost: list[str] = []
 
         def lose_session_once(chunk: bytes) -> None:
-            if not lost:  # idle past the TTL; the next creation expires the agent's session
-                lost.append(chunk)
-                time.sleep(1.5)
-                client.create_session(SessionCreate(prompt="x", max_tokens=1))
+            if not lost:
+                lost.append(client.opened[-1])
+                client.delete_session(lost[0])
 
         result = Agent(client, None).generate(prompt, max_tokens=24, on_text=lose_session_once)
+    assert lost and client.opened[-1] != lost[0]  # the agent opened a session again
     assert result.resumed == 1
     # The rebuilt KV is computed in one batch instead of round by round, so the continuation may
     # first differ only where the target itself was at a near-tie (the lossless rule).

@@ -33,10 +33,24 @@ def reference(ids: list[int], n: int) -> list[int]:
 
 
 class Tokenizer:
+    """Bytes to ids 1..63 (0, which ``next_token`` never gives, ends a generation): enough of a
+    target's tokenizer for an engine over this runner (tests/test_fleet.py)."""
+
     n_vocab = VOCAB
+    kind = "fake"
+    chat_template = None
 
     def encode(self, text: bytes) -> list[int]:
         return [b % (VOCAB - 1) + 1 for b in text]
+
+    def piece(self, token: int) -> bytes:
+        return b"" if token == 0 else bytes([ord("A") + token])
+
+    def is_eog(self, token: int) -> bool:
+        return token == 0
+
+    def prompt_ids(self, prompt: str | None, messages: object) -> list[int]:
+        return self.encode((prompt or "").encode())
 
 
 class FakeBackend:
