@@ -280,8 +280,9 @@ class BreaksAfterFirstRound(NgramSource):
         raise RuntimeError("the draft source broke")
 
 
-def _events(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line]
+def _events(response: httpx.Response) -> Iterator[str]:
+    """A stream's server-sent events, as they arrive."""
+    return (line.removeprefix("data: ") for line in response.iter_lines() if line)
 
 
 def _sessions(server: VerifierProcess) -> int:
@@ -300,12 +301,14 @@ def test_a_disconnected_stream_stops_and_frees_its_drafter_only_when_done(target
     with serving(config_for(target.url), [model]) as url:
         client = _client(url)
         alone = client.chat.completions.create(**second).choices[0].message.content
+        committed = target.stats()["committed_tokens"]
         body = {"model": TARGET, "prompt": COUNTING, "max_tokens": 600, "stream": True}
         with httpx.Client(base_url=f"{url}/v1", timeout=120) as first, first.stream("POST", "/completions", json=body) as r:
-            texts = (json.loads(e)["choices"][0]["text"] for e in r.iter_lines() if e.startswith("data: {"))
+            texts = (json.loads(e)["choices"][0]["text"] for e in _events(r) if e.startswith("{"))
             assert any(texts)  # generating; leaving the block disconnects
         after = client.chat.completions.create(**second).choices[0].message.content
         assert _sessions(target) == 0  # the first session is gone, not running on to 600 tokens
+        assert target.stats()["committed_tokens"] - committed < 600
     assert after == alone
     assert use.most == 1 and not use.interleaved(), use.threads
 
@@ -337,7 +340,7 @@ def test_a_failure_mid_stream_ends_it_with_an_error_chunk_and_done(target):
     with serving(config_for(target.url), [BreaksAfterFirstRound()]) as url, httpx.stream(
             "POST", f"{url}/v1/chat/completions", json={"model": TARGET, "messages": MESSAGES, "max_tokens": 24,
                                                        "stream": True}, timeout=120) as r:
-        events = _events(r)
+        events = list(_events(r))
     assert r.status_code == 200 and events[-1] == "[DONE]", events
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     assert any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2])  # text went out first
