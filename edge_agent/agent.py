@@ -125,9 +125,17 @@ class GenerationCancelled(Exception):
 
 
 def _replica_lost(e: VerifierError) -> bool:
-    """Whether an error means the session's replica is gone or failing (rather than a bad request):
-    unreachable, a 5xx, or a 404 for a session it no longer knows."""
-    return e.status == 0 or e.status == 404 or e.status >= 500
+    """Whether an error means the replica is gone or failing (rather than refusing the request):
+    unreachable, or a 5xx after the client's retries."""
+    return e.status == 0 or e.status >= 500
+
+
+# A round refused with these leaves a replica that works but cannot go on with the session as the
+# device holds it: 404, it no longer knows the session (expired, drained, restarted); 409, it
+# cannot answer the round (a retry of a round answered before the chained rounds behind it, on a
+# verifier that replays only its last answer). Either way the session is rebuilt from the ids the
+# device holds, on the same replica.
+RESUME_STATUSES = frozenset({404, 409})
 
 
 @dataclass
@@ -220,7 +228,7 @@ class Agent:
             try:
                 return self.client.create_session(request)
             except VerifierError as e:
-                if not _replica_lost(e) or e.status == 404:
+                if not _replica_lost(e):
                     raise
                 if time.monotonic() > deadline:
                     raise VerifierError(f"no verifier answered for {self.deadline_s:.0f} s: {e}", 503,
@@ -361,13 +369,17 @@ class Agent:
                     resp = self._verify(session, round_no, draft, tli, result, cap, chains, future)
                 except VerifierError as e:
                     chains.clear()  # a resumed session numbers its rounds afresh
-                    if not _replica_lost(e):
-                        raise
-                    if e.status != 404:  # unreachable or failing: another replica takes over
+                    if _replica_lost(e):  # another replica takes over
                         self.client.failover()
                         result.failovers += 1
-                    # Rebuild the session from the ids committed so far (the answer to a round
-                    # that was lost in flight was never applied here): output continues exactly.
+                    elif e.status in RESUME_STATUSES:
+                        # The replica works: free what the session holds there (it may have
+                        # committed rounds whose answers never arrived here).
+                        self.client.delete_session(session)
+                    else:
+                        raise
+                    # Rebuild the session from the ids applied here (rounds committed there whose
+                    # answers were lost in flight are dropped with it): output continues exactly.
                     resumed = request.model_copy(
                         update={"resume_ids": list(result.ids), "idempotency_key": uuid.uuid4().hex})
                     session, round_no = self._open(resumed, result).session_id, 1

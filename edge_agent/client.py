@@ -9,7 +9,10 @@ agent then moves the session to the next replica (``failover``) with ``resume_id
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from typing import TypeVar
@@ -31,6 +34,7 @@ from shared.protocol import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("sled.agent")
 
 
 class VerifierError(RuntimeError):
@@ -48,6 +52,35 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 30.0
 
 
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` names this machine (``localhost`` or a loopback address): traffic to it
+    never crosses a network."""
+    host = httpx.URL(url).host
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+_warned_cleartext: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_cleartext_token(urls: Sequence[str]) -> None:
+    """Warn, once per URL in this process, that a device token goes to it unencrypted: anyone on
+    the network path can read it and act as this device. The daemon opens a client per request, so
+    the warning comes once, when it starts (its first client), not with every generation."""
+    exposed = [u for u in urls if httpx.URL(u).scheme == "http" and not is_loopback(u)]
+    with _warned_lock:
+        new = [u for u in exposed if u not in _warned_cleartext]
+        _warned_cleartext.update(new)
+    if new:
+        log.warning("the device token is sent in clear text to %s: use https:// (TLS at the load "
+                    "balancer, see deploy/README.md) for a verifier that is not on this machine", ", ".join(new))
+
+
 class VerifierClient:
     """Talks to one replica at a time (``base_url``), out of ``urls``; ``failover`` moves on."""
 
@@ -61,10 +94,15 @@ class VerifierClient:
         max_backoff_s: float = 5.0,
         start: int = 0,
         token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``transport`` carries every replica's requests instead of the network (a test's
+        in-process verifiers, or a fault-injecting one)."""
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
             raise ValueError("a verifier client needs at least one URL")
+        if token:
+            warn_cleartext_token(self.urls)
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -76,6 +114,7 @@ class VerifierClient:
                 timeout=httpx.Timeout(timeout_s, connect=5.0),
                 headers={"content-type": MSGPACK, "accept": MSGPACK,
                          **({"authorization": f"Bearer {token}"} if token else {})},
+                transport=transport,
             )
             for url in self.urls
         ]
