@@ -10,6 +10,7 @@ nothing outside the intersection is ever mapped to a placeholder.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgpack
 import numpy as np
 
-from edge_agent.client import VerifierClient
+from edge_agent.client import VerifierClient, VerifierError
 from shared.alignment import Tokenizer
 from shared.protocol import Proposal, Vocabulary
 from shared.sampling import Sampling, distribution
@@ -62,8 +63,16 @@ def tli_map(drafter: Drafter, client: VerifierClient) -> TliMap:
         return _maps[key]
 
 
+# What a vocabulary hash must look like before it names a cache file (the verifier sends 32 hex
+# digits): anything else ("../x", "/etc/y") could write or read outside the cache.
+VOCAB_HASH = re.compile(r"[0-9a-fA-F]{1,128}")
+
+
 def target_vocabulary(client: VerifierClient, vocab_hash: str) -> list[bytes]:
-    """The verifier's pieces, from the disk cache when its hash is known there."""
+    """The verifier's pieces, from the disk cache when its hash is known there. The hash comes
+    from the server and becomes a file name: it must be hex, or the vocabulary is refused."""
+    if not VOCAB_HASH.fullmatch(vocab_hash):
+        raise VerifierError(f"the verifier's vocab_hash {vocab_hash[:80]!r} is not a hex digest", 502, "bad_vocab_hash")
     path = vocab_cache_dir() / f"{vocab_hash}.msgpack"
     if path.exists():
         return msgpack.unpackb(path.read_bytes())
@@ -123,6 +132,10 @@ class TliProposer:
         ids, probs = ids[order[:keep]], probs[order[:keep]]
         probs = probs / probs.sum()
         token = int(self.rng.choice(ids, p=probs))
-        self.proposals.append(Proposal(ids=self.mapping[ids].tolist(), probs=probs.tolist()))
+        # Drafter tokens with the same bytes (a byte-fallback <0x0A> next to "\n") are one target
+        # token: q' of that token is their summed probability, each id once.
+        targets, at = np.unique(self.mapping[ids], return_inverse=True)
+        merged = np.bincount(at.reshape(-1), weights=probs, minlength=targets.size)
+        self.proposals.append(Proposal(ids=targets.tolist(), probs=merged.tolist()))
         self.target_ids.append(int(self.mapping[token]))
         return token
