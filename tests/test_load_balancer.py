@@ -5,9 +5,12 @@ processes: two replicas, four agents with their own device tokens, all talking t
   committed ids are continuous (nothing lost or repeated); the test reports how many sessions moved.
 - A rolling restart (SIGTERM, drain, start again, then the other replica) while the agents keep
   generating: nothing is lost either.
+- A third replica added by the recipe in the file's header: every session's rounds reach the
+  replica that holds it.
 """
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +30,7 @@ from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
 from verifier_server.process import VerifierProcess, free_port
 
+import lb
 from conftest import LOSSLESS_REPORT
 from lb import Nginx, nginx_binary
 from prompts import RAW
@@ -152,3 +156,61 @@ def test_a_rolling_restart_behind_nginx_loses_nothing(tier, drafters, reference_
     assert exit_codes == {"a": 0, "b": 0}
     assert sum(r.resumed for runs in results.values() for r in runs) >= 1  # sessions moved off a draining replica
     _check(results, reference_backend(TARGET), "nginx, rolling restart of both replicas")
+
+
+def with_replica(conf: str, name: str) -> str:
+    """``conf`` with replica ``name`` (at verifier-NAME:8000) added by the four steps that
+    deploy/nginx/sled.conf's header gives, applied literally."""
+    server = f"server verifier-{name}:8000"
+    others = re.findall(r"^upstream sled_(?!new\b)(\w+) \{", conf, re.M)
+    steps = [  # (what, pattern, replacement, how many places)
+        ("1. its line in the map", r"(?m)^(    default  sled_new;)", f"    {name}        sled_{name};\n\\1", 1),
+        ("4. a backup in every other replica's upstream", r"(?m)^(    keepalive 32;\n\})", f"    {server} backup;\n\\1",
+         len(others)),
+        ("2. its server for new sessions", r"(upstream sled_new \{\n    least_conn;\n)",
+         f"\\1    {server} max_fails=1 fail_timeout=10s;\n", 1),
+        ("3. its own upstream", r"(?m)^(server \{)", f"upstream sled_{name} {{\n    {server} max_fails=1 fail_timeout=10s;\n"
+         + "".join(f"    server verifier-{o}:8000 backup;\n" for o in others) + "    keepalive 32;\n}\n\n\\1", 1),
+    ]
+    for what, pattern, replacement, places in steps:
+        conf, n = re.subn(pattern, replacement, conf)
+        assert n == places, f"step {what}: {n} places in sled.conf instead of {places}"
+    return conf
+
+
+def test_a_third_replica_added_by_the_recipe_gets_its_sessions_rounds(tmp_path, monkeypatch):
+    """Replicas a, b and c (c added to the shipped file by its header's recipe) behind nginx: new
+    sessions are spread over all three, every session's rounds and its deletion reach the replica
+    that holds it (any other answers 404), and a name nginx does not know still gets an answer."""
+    nginx_binary()
+    conf = tmp_path / "sled-abc.conf"
+    conf.write_text(with_replica(lb.SHIPPED.read_text(), "c"))
+    monkeypatch.setattr(lb, "SHIPPED", conf)  # Nginx runs the file as shipped, c added
+    ports = {name: free_port() for name in "abc"}
+
+    def start(name: str) -> VerifierProcess:
+        return VerifierProcess("smollm2-135m", "--replica-id", name, "--slots", "4", "--ctx-per-slot", "256",
+                               threads=1, port=ports[name], log=tmp_path / f"verifier-{name}.log",
+                               startup_timeout_s=180)
+
+    with ThreadPoolExecutor(3) as pool:
+        replicas = dict(zip(ports, pool.map(start, ports)))
+    try:
+        with Nginx(tmp_path / "nginx", free_port(), ports) as nginx, httpx.Client(base_url=nginx.url, timeout=60) as http:
+            created = [http.post("/v1/sessions", json={"prompt": "def add(a, b):", "max_tokens": 4}) for _ in range(6)]
+            assert all(r.status_code == 201 for r in created), [r.text for r in created]
+            sessions = [r.json()["session_id"] for r in created]
+            assert {sid.split(".")[0] for sid in sessions} == {"a", "b", "c"}  # placement reaches c too
+            for sid in sessions:
+                held = {n: httpx.get(f"{r.url}/v1/health", timeout=5).json()["sessions"] for n, r in replicas.items()}
+                answer = http.post(f"/v1/sessions/{sid}/verify", json={"round": 1})
+                assert answer.status_code == 200 and answer.json()["ids"], (sid, answer.text)
+                assert http.delete(f"/v1/sessions/{sid}").status_code == 204
+                after = {n: httpx.get(f"{r.url}/v1/health", timeout=5).json()["sessions"] for n, r in replicas.items()}
+                owner = sid.split(".")[0]
+                assert after == {**held, owner: held[owner] - 1}, (sid, held, after)  # deleted where it lived
+            unknown = http.post(f"/v1/sessions/z.{'0' * 32}/verify", json={"round": 1})
+            assert unknown.status_code == 404  # any replica answers; the device would resume there
+    finally:
+        for r in replicas.values():
+            r.stop()
