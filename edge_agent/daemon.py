@@ -30,6 +30,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from edge_agent.agent import Agent, GenerationResult, SamplingMode, local_generate
 from edge_agent.client import VerifierClient, VerifierError
@@ -134,8 +135,13 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        """The router's own refusals (an unknown path, a wrong method) in OpenAI's format too; not
+        counted, since any path would become a metrics label."""
+        return _error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}"))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -312,6 +318,11 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _sse(obj: dict[str, Any]) -> str:
