@@ -12,9 +12,15 @@
 #
 # The device id is a flag: give the whole command, e.g.
 #   docker run -d --network host -v sled-models:/var/cache/sled -v "$PWD/fleet.yaml:/etc/sled/fleet.yaml:ro" \
-#     --env-file agent.env sled-agent serve --config /etc/sled/fleet.yaml --device pi-kitchen --host 0.0.0.0 --port 8080
+#     --env-file agent.env sled-agent serve --config /etc/sled/fleet.yaml --device pi-kitchen --port 8080
 # (compose passes it as `command:`). agent.env holds the token variable the fleet file names
 # (`token_env`), made by `sled-verifier tokens new --device ID`.
+# The API listens on 127.0.0.1 (with --network host: the board's loopback, its local apps only). To
+# serve other machines, give it a key that apps send as `Authorization: Bearer KEY`:
+#   ... -v "$PWD/agent-api.key:/etc/sled/agent-api.key:ro" sled-agent serve ... --host 0.0.0.0 \
+#     --api-key-file /etc/sled/agent-api.key
+# Without a key the agent refuses any address but loopback (--insecure-listen overrides that, e.g.
+# inside a bridge network whose port is published on 127.0.0.1 only).
 # Models are not in the image: fetch the device's drafter into the volume once (as root: fetching
 # pip-installs the model's parts into this throwaway container's venv):
 #   docker run --rm --user root -v sled-models:/var/cache/sled --entrypoint python sled-agent \
@@ -71,4 +77,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["sled-agent"]
 # DEVICE is a placeholder (it fails with the fleet file's list of devices): pass the real command.
-CMD ["serve", "--config", "/etc/sled/fleet.yaml", "--device", "DEVICE", "--host", "0.0.0.0", "--port", "8080"]
+CMD ["serve", "--config", "/etc/sled/fleet.yaml", "--device", "DEVICE", "--host", "127.0.0.1", "--port", "8080"]
