@@ -7,11 +7,14 @@ processes: two replicas, four agents with their own device tokens, all talking t
   generating: nothing is lost either.
 - A third replica added by the recipe in the file's header: every session's rounds reach the
   replica that holds it.
+- The file's TLS lines: a device's client verifies the certificate and works over https.
 """
 from __future__ import annotations
 
 import re
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,7 @@ from edge_agent.agent import Agent, GenerationResult
 from edge_agent.client import VerifierClient
 from edge_agent.drafter import Drafter
 from shared.models import resolve
+from shared.protocol import SessionCreate
 from verifier_server.auth import hash_token, new_token
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
@@ -214,3 +218,51 @@ def test_a_third_replica_added_by_the_recipe_gets_its_sessions_rounds(tmp_path, 
     finally:
         for r in replicas.values():
             r.stop()
+
+
+def with_tls(conf: str, port: int, cert: Path, key: Path) -> str:
+    """``conf`` with the TLS lines its closing comment gives, in its server block (listening on
+    ``port``, with ``cert`` and ``key``) beside the plain listener the test harness uses. An nginx
+    older than 1.25.1 takes the comment's ``listen ... ssl http2`` instead of ``http2 on``."""
+    comment = conf[conf.index("# TLS termination:"):]
+    lines = [line[1:].split("#")[0].strip() for line in comment.splitlines() if line.startswith("#     ")]
+    version = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True).stderr
+    old = tuple(int(x) for x in re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version).groups()) < (1, 25, 1)
+    tls = {"listen 443 ssl;": f"listen 127.0.0.1:{port} ssl{' http2' if old else ''};",
+           "http2 on;": "" if old else "http2 on;",
+           "ssl_certificate     /etc/ssl/sled/fullchain.pem;": f"ssl_certificate {cert};",
+           "ssl_certificate_key /etc/ssl/sled/privkey.pem;": f"ssl_certificate_key {key};"}
+    block = "".join(f"    {tls.get(line, line)}\n" for line in lines)
+    assert "ssl_certificate " in block and "ssl_certificate_key " in block, lines
+    return conf.replace("    listen 8080;\n", "    listen 8080;\n" + block, 1)
+
+
+def test_a_device_reaches_the_tier_over_the_documented_tls(tmp_path, monkeypatch):
+    """The TLS lines of deploy/nginx/sled.conf in front of a replica: the agent's client, with its
+    token, trusts the tier's certificate through SSL_CERT_FILE (as deploy/README.md says) and
+    verifies rounds over https; a client without that CA refuses the connection."""
+    nginx_binary()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate to test TLS with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=sled test",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    token = new_token()
+    (tmp_path / "tokens").write_text(f"pi-kitchen {hash_token(token)}\n")
+    tls_port = free_port()
+    conf = tmp_path / "sled-tls.conf"
+    conf.write_text(with_tls(lb.SHIPPED.read_text(), tls_port, cert, key))
+    monkeypatch.setattr(lb, "SHIPPED", conf)  # Nginx runs the shipped file, its TLS lines in
+    ports = {"a": free_port(), "b": free_port()}  # b is down: nginx passes its share on to a
+    with VerifierProcess("smollm2-135m", "--replica-id", "a", "--slots", "2", "--ctx-per-slot", "256", threads=1,
+                         auth=("--tokens", str(tmp_path / "tokens")), port=ports["a"], startup_timeout_s=180), \
+            Nginx(tmp_path / "nginx", free_port(), ports):
+        url = f"https://127.0.0.1:{tls_port}"
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/healthz", timeout=10)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        with VerifierClient(url, token=token) as client:
+            sid = client.create_session(SessionCreate(prompt="def add(a, b):", max_tokens=4)).session_id
+            assert sid.startswith("a.") and client.verify(sid, 1, b"").ids
+            client.delete_session(sid)

