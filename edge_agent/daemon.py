@@ -39,7 +39,7 @@ from edge_agent.drafter import Drafter
 from edge_agent.drafting import DraftSource, gguf_drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
 from shared.fleet import DeviceSettings, Verifier
-from shared.protocol import Limits
+from shared.protocol import ChatMessage, Limits, SamplingOptions
 
 log = logging.getLogger("sled.agent")
 
@@ -57,6 +57,18 @@ class DaemonConfig:
     pipelined: bool = False  # drafting while a round is in flight
     api_key: str | None = None  # local apps must send it (``Authorization: Bearer``); None: no check
     verifier_limits: Limits | None = None  # the verifier's /v1/info limits if known at start, else asked once
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation as the round loop takes it. Built from the request before anything starts,
+    so that every bad field is a 400 while a status can still be sent (a stream's is sent at once)."""
+
+    prompt: str | None
+    messages: list[ChatMessage] | None
+    max_tokens: int
+    stops: list[str]
+    sampling: SamplingOptions
 
 
 class Metrics:
@@ -164,8 +176,8 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
             waiting -= 1
 
     @contextlib.asynccontextmanager
-    async def generation(req: ChatRequest | CompletionRequest, max_tokens: int,
-                         on_text: Callable[[bytes], None] | None) -> AsyncIterator[asyncio.Future[GenerationResult]]:
+    async def generation(job: Job, on_text: Callable[[bytes], None] | None
+                         ) -> AsyncIterator[asyncio.Future[GenerationResult]]:
         """One generation on a pooled drafter in a worker thread; yields its result to await.
         Leaving the block sets its cancel event, which stops a generation still running (its
         request went away) before its next round. The drafter goes back to the pool when the
@@ -173,16 +185,15 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
         drafter = await take_drafter()
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
-        job = workers.submit(generate, drafter, req, max_tokens, on_text, cancel)
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(pool.put_nowait, drafter))
+        worker = workers.submit(generate, drafter, job, on_text, cancel)
+        worker.add_done_callback(lambda _: loop.call_soon_threadsafe(pool.put_nowait, drafter))
         try:
-            yield asyncio.wrap_future(job, loop=loop)
+            yield asyncio.wrap_future(worker, loop=loop)
         finally:
             cancel.set()
 
-    def generate(drafter: Drafter | DraftSource | None, req: ChatRequest | CompletionRequest, max_tokens: int,
-                 on_text: Callable[[bytes], None] | None, cancel: threading.Event) -> GenerationResult:
-        prompt, messages = (None, [m.plain() for m in req.messages]) if isinstance(req, ChatRequest) else (req.text(), None)
+    def generate(drafter: Drafter | DraftSource | None, job: Job, on_text: Callable[[bytes], None] | None,
+                 cancel: threading.Event) -> GenerationResult:
         # Sessions spread over the replicas; each fails over to the next one on its own.
         urls = config.verifier.urls
         with VerifierClient(urls, timeout_s=config.verifier.timeout_s, retries=retry.attempts, backoff_s=retry.backoff_s,
@@ -195,12 +206,13 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
             if agent.controller is not None:  # what it learned serves the drafter's next request
                 controllers[id(drafter)] = agent.controller
             try:
-                return agent.generate(prompt, messages, max_tokens, req.stops(), on_text, req.sampling(), cancel)
+                return agent.generate(job.prompt, job.messages, job.max_tokens, job.stops, on_text, job.sampling,
+                                      cancel)
             except VerifierError as e:
                 model = gguf_drafter(drafter)
                 if not (config.settings.fallback == "local" and model is not None and no_verifier_answered(e)):
                     raise
-        result = local_generate(model, prompt, messages, max_tokens, req.stops())
+        result = local_generate(model, job.prompt, job.messages, job.max_tokens, job.stops)
         if on_text is not None and result.text:
             on_text(result.text)
         return result
@@ -234,13 +246,13 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
             field = ".".join(str(p) for p in err["loc"]) or None
             raise ApiError(400, f"{field or 'body'}: {err['msg']}", field) from None
         req.check_supported()
-        req.sampling()  # a bad sampling value is a 400 before anything starts
-        max_tokens = req.limit(config.max_tokens, await token_cap())
+        job = Job(*req.prompt_form(), req.limit(config.max_tokens, await token_cap()), req.stops(), req.sampling())
         reply = Reply(chat=model is ChatRequest, model=config.model_name)
         if req.stream:
             refuse_when_full()  # a 429 while a status can still be sent
-            return StreamingResponse(stream(req, max_tokens, reply, endpoint), media_type="text/event-stream")
-        async with generation(req, max_tokens, None) as work:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(job, reply, endpoint, include_usage), media_type="text/event-stream")
+        async with generation(job, None) as work:
             gone = asyncio.ensure_future(_disconnected(request))
             racing: list[asyncio.Future[Any]] = [work, gone]
             try:
@@ -268,18 +280,16 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
         log.error("a streamed generation failed", exc_info=e)
         return ApiError.internal()
 
-    async def stream(req: ChatRequest | CompletionRequest, max_tokens: int, reply: Reply,
-                     endpoint: str) -> AsyncIterator[str]:
+    async def stream(job: Job, reply: Reply, endpoint: str, include_usage: bool) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def on_text(piece: bytes) -> None:  # on the worker thread
             loop.call_soon_threadsafe(chunks.put_nowait, piece)
 
         try:
-            async with generation(req, max_tokens, on_text) as work:
+            async with generation(job, on_text) as work:
                 yield _sse(reply.chunk(None, first=True))
                 work.add_done_callback(lambda _: chunks.put_nowait(None))
                 while (piece := await chunks.get()) is not None:

@@ -156,16 +156,21 @@ class ChatMessageIn(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessageIn] = Field(min_length=1)
 
+    def prompt_form(self) -> tuple[str | None, list[ChatMessage] | None]:
+        """The session's prompt: chat messages (and no raw text)."""
+        return None, [m.plain() for m in self.messages]
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
 
-    def text(self) -> str:
+    def prompt_form(self) -> tuple[str | None, list[ChatMessage] | None]:
+        """The session's prompt: raw text (and no messages)."""
         if isinstance(self.prompt, str):
-            return self.prompt
+            return self.prompt, None
         if len(self.prompt) != 1:
             raise ApiError(400, "one prompt per request is supported", "prompt")
-        return self.prompt[0]
+        return self.prompt[0], None
 
 
 def _mark(answer: dict[str, Any], result: GenerationResult) -> dict[str, Any]:

@@ -403,6 +403,16 @@ def test_max_tokens_beyond_the_context_is_a_400_naming_the_field(offline, field)
         client.chat.completions.create(model=TARGET, messages=MESSAGES, **{field: LIMITS.max_context_tokens})
 
 
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ("/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
+])
+def test_bad_input_in_a_stream_is_a_400_before_it_starts(offline, path, body, field):
+    """Before, the stream had started (200) by the time the prompt was read: the 400 came as a chunk."""
+    r = httpx.post(f"{offline}{path}", json={"model": TARGET, "stream": True, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+
+
 @pytest.mark.parametrize(("status", "falls_back"), [(0, True), (500, True), (503, True), (400, False),
                                                     (401, False), (404, False), (413, False), (429, False)])
 def test_the_local_fallback_answers_only_when_no_verifier_did(status, falls_back):
