@@ -26,6 +26,7 @@ import uvicorn
 from edge_agent.client import VerifierError
 from edge_agent.daemon import DaemonConfig, create_daemon, no_verifier_answered
 from edge_agent.drafting import DraftSource, NgramSource
+from edge_agent.openai_api import ApiError
 from shared.fleet import DeviceSettings, LocalApi, Retry, Verifier
 from shared.protocol import MAX_STOP_BYTES, MAX_STOPS, Limits
 from verifier_server.llama.reference import plain_reference
@@ -417,6 +418,13 @@ def test_bad_input_in_a_stream_is_a_400_before_it_starts(offline, path, body, fi
                                                     (401, False), (404, False), (413, False), (429, False)])
 def test_the_local_fallback_answers_only_when_no_verifier_did(status, falls_back):
     assert no_verifier_answered(VerifierError("verifier: ...", status)) is falls_back
+
+
+@pytest.mark.parametrize(("status", "answered"), [(0, 503), (503, 503), (404, 503), (401, 502), (403, 502),
+                                                  (413, 413), (429, 429)])
+def test_a_verifier_error_reaches_the_app_with_a_status_of_its_own(status, answered):
+    """A refused device token is a 502: a 401 would tell the app that its own key is wrong."""
+    assert ApiError.from_verifier(VerifierError("verifier: ...", status)).status == answered
 
 
 def test_an_api_key_guards_everything_but_healthz():
