@@ -39,9 +39,14 @@ from edge_agent.drafter import Drafter
 from edge_agent.drafting import DraftSource, gguf_drafter
 from edge_agent.openai_api import ApiError, ChatRequest, CompletionRequest, Reply
 from shared.fleet import DeviceSettings, Verifier
+from shared.http_body import BodyTooLarge, read_body
 from shared.protocol import ChatMessage, Limits, SamplingOptions
 
 log = logging.getLogger("sled.agent")
+
+# A request's body at most: a prompt the verifier takes (its limit is about 1 MiB) in JSON, which
+# may escape it to twice its size. Read while it streams, so a larger body is never held whole.
+MAX_BODY_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,9 @@ def create_daemon(config: DaemonConfig, drafters: list[Drafter | DraftSource | N
         or, for a stream, when it ends."""
         endpoint = request.url.path
         try:
-            req = model.model_validate_json(await request.body())
+            req = model.model_validate_json(await read_body(request, MAX_BODY_BYTES))
+        except BodyTooLarge as e:
+            raise ApiError(413, str(e)) from None
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or None

@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 
 from edge_agent.client import VerifierError
-from edge_agent.daemon import DaemonConfig, create_daemon, no_verifier_answered
+from edge_agent.daemon import MAX_BODY_BYTES, DaemonConfig, create_daemon, no_verifier_answered
 from edge_agent.drafting import DraftSource, NgramSource
 from edge_agent.openai_api import ApiError
 from shared.fleet import DeviceSettings, LocalApi, Retry, Verifier
@@ -34,6 +34,7 @@ from verifier_server.lossless import NEAR_TIE_GAP
 from verifier_server.process import AgentDaemonProcess, VerifierProcess, free_port
 
 from conftest import LOSSLESS_REPORT
+from huge_body import CHUNK, stream_into
 from prompts import RAW
 
 if TYPE_CHECKING:
@@ -456,3 +457,11 @@ def test_serve_refuses_to_listen_beyond_loopback_without_an_api_key(tmp_path: Pa
     empty.write_text("\n")
     unusable = _serve_cli("--host", "0.0.0.0", "--api-key-file", str(empty))
     assert unusable.returncode == 1 and "is empty" in unusable.stderr and "Traceback" not in unusable.stderr
+
+
+def test_a_huge_streamed_body_is_refused_without_being_read_whole():
+    """A 50 MB chunked request: a 413 in OpenAI's format once past the daemon's limit, not 50 MB held."""
+    app = create_daemon(config_for(DEAD), [None])
+    status, body, read = stream_into(app, "/v1/chat/completions")
+    assert status == 413 and json.loads(body)["error"]["message"].startswith("request body exceeds the limit")
+    assert read <= MAX_BODY_BYTES + CHUNK

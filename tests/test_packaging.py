@@ -82,7 +82,8 @@ def test_the_images_default_command_parses_and_matches_its_port(role: str) -> No
     dockerfile = DOCKERFILES[role]
     assert _instruction(dockerfile, "ENTRYPOINT") == ENTRYPOINTS[role]
     args = _parse(PARSERS[role](), _instruction(dockerfile, "CMD"), dockerfile.name)
-    assert args.command == "serve" and args.host == "0.0.0.0"
+    # The verifier's container serves behind nginx; the agent's API stays on the board's loopback.
+    assert args.command == "serve" and args.host == ("127.0.0.1" if role == "agent" else "0.0.0.0")
     text = dockerfile.read_text()
     assert re.search(rf"^EXPOSE {args.port}$", text, re.MULTILINE)
     assert f"http://127.0.0.1:{args.port}/healthz" in text
@@ -193,9 +194,11 @@ def test_the_dashboard_queries_only_the_verifiers_metrics() -> None:
 def test_the_verifier_exports_every_metric_of_the_contract() -> None:
     """The contract above is what ``verifier_server.metrics`` really exposes, so the dashboard
     cannot drift from the code."""
+    from prometheus_client import generate_latest
+
     from verifier_server.metrics import Metrics
 
-    exposed = Metrics(lambda: {}).exposition().decode()
+    exposed = generate_latest(Metrics(lambda: {}).registry).decode()
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposed, re.M))
     counters = {n if n.endswith("_total") else f"{n}_total" for n, t in types.items() if t == "counter"}
     assert counters >= COUNTERS, COUNTERS - counters

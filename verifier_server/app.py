@@ -22,10 +22,11 @@ from pydantic import BaseModel
 
 from shared.codec import JSON, MSGPACK, DecodeError, decode, encode, wants_msgpack
 from shared.fleet import DeviceLimits
+from shared.http_body import BodyTooLarge, read_body
 from shared.protocol import API_PREFIX, ErrorBody, ErrorResponse, SessionCreate, VerifyRequest
-from verifier_server.auth import Credentials, RoundLimiter
+from verifier_server.auth import Credentials, RoundLimiter, metrics_label
 from verifier_server.engine import Engine, EngineError, LimitExceeded
-from verifier_server.metrics import CONTENT_TYPE, Metrics
+from verifier_server.metrics import Metrics
 from verifier_server.runner import RunnerError
 
 M = TypeVar("M", bound=BaseModel)
@@ -60,10 +61,7 @@ def _error(request: Request, status: int, code: str, message: str, retry_after: 
 
 
 async def _body(request: Request, model: type[M], limit: int) -> M:
-    body = await request.body()
-    if len(body) > limit:
-        raise DecodeError(f"request body of {len(body)} bytes exceeds the limit of {limit}")
-    return decode(body, request.headers.get("content-type"), model)
+    return decode(await read_body(request, limit), request.headers.get("content-type"), model)
 
 
 class AccessLog:
@@ -133,9 +131,12 @@ def create_app(
     credentials: Credentials | None = None,
     limits: DeviceLimits | None = None,
     expire_every_s: float = 30.0,
+    serve_metrics: bool = True,
 ) -> FastAPI:
-    """The verifier's app over ``engine``. Without ``credentials`` every caller is ``anonymous``
-    (a lab); ``limits`` are per device (rounds per second here, sessions in the engine)."""
+    """The verifier's app over ``engine``. Without ``credentials`` every caller is an anonymous
+    device keyed by its address (a lab); ``limits`` are per device (rounds per second here,
+    sessions in the engine). ``serve_metrics`` False leaves ``/metrics`` to an operator-only
+    listener (``metrics_app`` over ``app.state.metrics``)."""
     credentials = credentials or Credentials.none()
     limiter = RoundLimiter(limits or DeviceLimits(rounds_per_s=0))
     metrics = Metrics(engine.stats)
@@ -158,7 +159,8 @@ def create_app(
     body_limit = (1 << 20) + 2 * engine.config.max_draft_bytes  # prompts up to ~1 MiB, drafts
 
     def device_of(request: Request) -> str:
-        device = credentials.identify(request.headers.get("authorization"))
+        address = request.client.host if request.client else None
+        device = credentials.identify(request.headers.get("authorization"), address)
         if device is None:
             raise Unauthorized("a valid device token is required: 'Authorization: Bearer <token>'")
         request.state.device = device
@@ -168,10 +170,22 @@ def create_app(
     async def _bad_body(request: Request, exc: DecodeError) -> Response:
         return _error(request, 400, "bad_request", str(exc))
 
+    def take_round(device: str, what: str) -> None:
+        """A per-device token bucket paces rounds and session creations alike (a creation
+        tokenizes and prefills the prompt: it costs more than a round, never less)."""
+        wait = limiter.take(device)
+        if wait > 0:
+            raise LimitExceeded(f"device '{device}' exceeds its {limiter.limits.rounds_per_s:g} rounds per second "
+                                f"({what})", retry_after=wait)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return _error(request, 413, "too_large", str(exc))
+
     @app.exception_handler(EngineError)
     async def _refused(request: Request, exc: EngineError) -> Response:
         if exc.status == 429:
-            metrics.rate_limited.labels(getattr(request.state, "device", "unknown")).inc()
+            metrics.rate_limited.labels(metrics_label(getattr(request.state, "device", "unknown"))).inc()
         return _error(request, exc.status, exc.code, exc.message, exc.retry_after)
 
     @app.exception_handler(RunnerError)
@@ -190,9 +204,9 @@ def create_app(
             return _error(request, 503, "draining", "this replica is draining before a restart", retry_after=1.0)
         return Response(b'{"status":"ready"}', media_type=JSON)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+    if serve_metrics:
+        app.get("/metrics")(metrics.endpoint)
+    app.state.metrics = metrics
 
     @app.get(f"{API_PREFIX}/health")
     async def health() -> dict:
@@ -216,14 +230,17 @@ def create_app(
         return response
 
     @app.get(f"{API_PREFIX}/stats")
-    async def stats() -> dict:
-        """Counters for operators and the benchmark; like /metrics, no device token needed."""
+    async def stats(request: Request) -> dict:
+        """Counters for operators and the benchmark; a token is needed as for the devices' routes
+        (give an operator a token of its own), unless authentication is off."""
+        device_of(request)
         return engine.stats()
 
     @app.post(f"{API_PREFIX}/sessions")
     async def create_session(request: Request) -> Response:
         device = device_of(request)
         req = await _body(request, SessionCreate, body_limit)
+        take_round(device, "a session creation counts as a round")
         return _reply(request, await engine.create(req, device), 201)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/verify")
@@ -231,10 +248,7 @@ def create_app(
         device = device_of(request)
         req = await _body(request, VerifyRequest, body_limit)
         request.state.round = req.round
-        wait = limiter.take(device)
-        if wait > 0:
-            raise LimitExceeded(f"device '{device}' exceeds its {limiter.limits.rounds_per_s:g} rounds per second",
-                                retry_after=wait)
+        take_round(device, f"round {req.round}")
         return _reply(request, await engine.verify(session_id, req, device))
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}")

@@ -7,7 +7,10 @@ enough (nothing to brute-force) and a stolen credentials file cannot be replayed
 hash is compared in constant time, and all of them are compared, so the time of a check says
 nothing about which device (or whether any) matched.
 
-``--auth none`` turns this off for a lab: every caller is the device ``anonymous``.
+``--auth none`` turns this off for a lab: every caller is an anonymous device keyed by its address
+(``anonymous@<address>``), so that each client of a lab has its own session and rate limits
+rather than all of them sharing one device's (behind a proxy every caller has the proxy's address:
+give devices tokens there).
 """
 from __future__ import annotations
 
@@ -54,10 +57,11 @@ class Credentials:
     def devices(self) -> list[str]:
         return list(self.hashes or [])
 
-    def identify(self, authorization: str | None) -> str | None:
-        """The device whose token the header carries, or None (no header, a bad scheme, no match)."""
+    def identify(self, authorization: str | None, address: str | None = None) -> str | None:
+        """The device whose token the header carries, or None (no header, a bad scheme, no match);
+        without authentication, the anonymous device of the caller's ``address``."""
         if self.hashes is None:
-            return ANONYMOUS
+            return f"{ANONYMOUS}@{address}" if address else ANONYMOUS
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
@@ -100,6 +104,12 @@ class Credentials:
         if not hashes:
             raise CredentialsError(f"{path}: no device tokens (sled-verifier tokens new --device ID)")
         return cls(hashes)
+
+
+def metrics_label(device: str) -> str:
+    """The device as a metrics label: anonymous callers share one, so that the labels stay as
+    few as the fleet's devices whatever the addresses that call."""
+    return ANONYMOUS if device.startswith(ANONYMOUS) else device
 
 
 class TokenBucket:

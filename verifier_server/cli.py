@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--drain-grace", type=float, default=30.0,
                    help="on SIGTERM, seconds to let rounds in flight finish before exiting")
     o.add_argument("--no-access-log", action="store_true", help="no JSON line per request on stderr")
+    o.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics on this port only (not on the API's port), for operators' scrapers")
+    o.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default loopback)")
 
     g = sub.add_parser("generate", help="plain greedy decoding with the same backend (the reference)")
     _add_model_args(g)
@@ -158,7 +161,9 @@ def _serve(args: argparse.Namespace) -> None:
     log.warning("sled-verifier: %s on http://%s:%d (%s%s)", args.model, args.host, args.port, who,
                 f", replica '{args.replica_id}'" if args.replica_id else "")
     try:
-        serve(create_app(engine, credentials, limits), engine, args.host, args.port, args.drain_grace)
+        app = create_app(engine, credentials, limits, serve_metrics=args.metrics_port is None)
+        metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
+        serve(app, engine, args.host, args.port, args.drain_grace, metrics)
     finally:
         engine.close()
 

@@ -5,17 +5,16 @@ goes to a ``Runner``, which verifies whole rounds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-
-import numpy as np
 
 from shared.alignment import continuation_ids
 from shared.chat import ChatTemplateError
@@ -34,11 +33,10 @@ from shared.utf8 import common_prefix_len, complete_prefix_len
 from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample, TliSample
 from verifier_server.auth import ANONYMOUS
 from verifier_server.draft_hint import recommend
+from verifier_server.quantiles import DurationHistogram
 from verifier_server.runner import Runner, TargetTokenizer
 from verifier_server.session import Session
-
-# Rounds whose engine overhead /v1/stats summarises (a fresh benchmark verifier sees them all).
-OVERHEAD_WINDOW = 100_000
+from verifier_server.stops import StopMatcher
 
 
 def _vocabulary(tok: TargetTokenizer) -> Vocabulary:
@@ -48,12 +46,6 @@ def _vocabulary(tok: TargetTokenizer) -> Vocabulary:
     for p in pieces:
         digest.update(len(p).to_bytes(2, "little") + p)
     return Vocabulary(hash=digest.hexdigest()[:32], pieces=pieces)
-
-
-def _percentiles_ms(seconds: deque[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    p50, p95 = np.percentile(ms, [50, 95]) if ms.size else (0.0, 0.0)
-    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4), "rounds": int(ms.size)}
 
 
 class EngineError(Exception):
@@ -132,6 +124,9 @@ class Engine:
         self.runner = runner
         self.config = config or EngineConfig()
         self.sessions: dict[str, Session] = {}
+        # Places taken by creations still tokenizing their prompt, per device: counted against the
+        # caps as sessions are, so that a burst of concurrent creates cannot pass them all.
+        self._reserved: Counter[str] = Counter()
         # (device, idempotency key) -> the request and its creation task (in progress or done)
         self._created: dict[tuple[str, str], tuple[SessionCreate, asyncio.Future[SessionCreated]]] = {}
         self.session_prefix = session_prefix  # routes a session id to this replica (a load balancer's map)
@@ -140,8 +135,8 @@ class Engine:
         self.committed_tokens = 0
         self.rounds = 0
         # Per round: seconds in the engine and runner outside the model and the wait for a pass.
-        self.round_overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
-        self.round_rule_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)  # the acceptance rule's share
+        self.round_overhead = DurationHistogram()
+        self.round_rule = DurationHistogram()  # the acceptance rule's share
         self.vocabulary = _vocabulary(runner.tokenizer)
 
     # --- info ---------------------------------------------------------------------------------
@@ -174,8 +169,8 @@ class Engine:
             "draining": self.draining,
             "rounds": self.rounds,
             "committed_tokens": self.committed_tokens,
-            "round_overhead_ms": _percentiles_ms(self.round_overhead_s),
-            "acceptance_rule_ms": _percentiles_ms(self.round_rule_s),
+            "round_overhead_ms": self.round_overhead.summary_ms(),
+            "acceptance_rule_ms": self.round_rule.summary_ms(),
             **self.runner.stats(),
         }
 
@@ -207,13 +202,38 @@ class Engine:
         if self.draining:
             raise Draining("this replica is draining before a restart: open the session on another",
                            retry_after=1.0)
+        with self._place(device):
+            s, created = await self._open(req, device)
+        async with s.lock:
+            try:
+                await self.runner.prefill(s.id, s.ids)
+            except BaseException:
+                self._forget(s)
+                raise
+        return created
+
+    @contextlib.contextmanager
+    def _place(self, device: str) -> Iterator[None]:
+        """Reserve a place for a session of ``device`` under both caps, or refuse; the place is
+        released when the block ends (by then the session is in ``sessions``, or it failed)."""
         self.expire_idle()
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) + self._reserved.total() >= self.config.max_sessions:
             raise Busy(f"the server holds its maximum of {self.config.max_sessions} sessions", retry_after=1.0)
         limit = self.config.device_sessions
-        if limit is not None and sum(1 for x in self.sessions.values() if x.owner == device) >= limit:
+        held = sum(1 for x in self.sessions.values() if x.owner == device) + self._reserved[device]
+        if limit is not None and held >= limit:
             raise LimitExceeded(f"device '{device}' holds its maximum of {limit} sessions; finish or delete one",
                                 retry_after=1.0)
+        self._reserved[device] += 1
+        try:
+            yield
+        finally:
+            self._reserved[device] -= 1
+            if not self._reserved[device]:
+                del self._reserved[device]
+
+    async def _open(self, req: SessionCreate, device: str) -> tuple[Session, SessionCreated]:
+        """The session for ``req``, in ``sessions`` with its prompt tokenized (not yet prefilled)."""
         tok = self.runner.tokenizer
         try:  # template rendering and tokenization scale with the prompt: off the event loop
             prompt = await asyncio.to_thread(tok.prompt_ids, req.prompt, req.messages)
@@ -237,7 +257,7 @@ class Engine:
             prompt_len=len(prompt),
             ids=prompt,
             max_tokens=req.max_tokens,
-            stop=[x.encode() for x in req.stop],
+            stops=StopMatcher([x.encode() for x in req.stop]),
             idempotency_key=req.idempotency_key,
             sampling=sampling,
             seed=req.seed if req.seed is not None else secrets.randbits(63),
@@ -245,13 +265,7 @@ class Engine:
         self._commit(s, req.resume_ids)
         s.sent = s.sendable_end()
         self.sessions[s.id] = s
-        async with s.lock:
-            try:
-                await self.runner.prefill(s.id, s.ids)
-            except BaseException:
-                self._forget(s)
-                raise
-        return SessionCreated(
+        return s, SessionCreated(
             session_id=s.id,
             prompt_tokens=len(prompt),
             max_tokens=req.max_tokens,
@@ -317,9 +331,9 @@ class Engine:
         t0 = time.perf_counter()
         s.touch()
         self.runner.expect_rounds(self._active_sessions(s.last_used))
-        if s.last is not None and req.round == s.round:
+        if (answered := s.replay(req.round)) is not None:
             self._record(RoundRecord(s.owner, 0, 0, 0, 0.0, replayed=True))
-            return s.last  # a retry: same answer, nothing committed twice
+            return answered  # a retry: same answer, nothing committed twice
         if len(req.draft) > self.config.max_draft_bytes:
             raise TooLarge(
                 f"draft of {len(req.draft)} bytes exceeds the limit of {self.config.max_draft_bytes}"
@@ -356,8 +370,8 @@ class Engine:
         resp = self._respond(s, req, device_draft, s.ids[old:], len(candidates), outcome.accepted)
         elapsed = time.perf_counter() - t0
         resp.server_s = round(elapsed, 6)
-        self.round_overhead_s.append(elapsed - outcome.queue_s - outcome.model_s)
-        self.round_rule_s.append(outcome.rule_s)
+        self.round_overhead.record(elapsed - outcome.queue_s - outcome.model_s)
+        self.round_rule.record(outcome.rule_s)
         self._record(RoundRecord(s.owner, len(candidates), outcome.accepted, len(resp.ids), elapsed))
         return resp
 
@@ -393,7 +407,6 @@ class Engine:
     def _commit(self, s: Session, new_ids: list[int]) -> None:
         """Append target ids, stopping at end-of-generation, max_tokens or a stop string."""
         tok = self.runner.tokenizer
-        longest = max((len(x) for x in s.stop), default=0)
         for t in new_ids:
             if s.finished:
                 break
@@ -401,9 +414,9 @@ class Engine:
             if tok.is_eog(t):
                 s.finish_reason = "eos"
                 break
-            before = len(s.text)
-            s.text += tok.piece(t)
-            cut = s.find_stop(max(0, before - longest + 1)) if s.stop else None
+            piece = tok.piece(t)
+            s.text += piece
+            cut = s.stops.feed(piece)
             if cut is not None:
                 del s.text[cut:]
                 s.finish_reason = "stop"
@@ -441,7 +454,7 @@ class Engine:
         s.answer_starts.append(s.sent)
         s.sent = end
         s.round = req.round
-        s.last = resp
+        s.answers.append(resp)
         self.rounds += 1
         return resp
 

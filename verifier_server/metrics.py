@@ -4,17 +4,20 @@
 Counters are fed as rounds and passes happen (the engine's round records, the runner's pass
 records); gauges are read from the engine and runner at scrape time. Each app has its own
 registry, so several verifiers in one process (tests) do not share counters. The ``device`` label
-takes only authenticated device ids (the fleet's devices, or ``anonymous``): bounded cardinality.
+takes only authenticated device ids (the fleet's devices, or ``anonymous`` for every anonymous
+caller): bounded cardinality.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from verifier_server.auth import metrics_label
 from verifier_server.cost_curve import PassRecord
 from verifier_server.engine import RoundRecord
 
@@ -83,14 +86,15 @@ class Metrics:
         if rec.replayed or rec.stale:  # nothing verified
             return
         self.round_seconds.observe(rec.seconds)
-        self.device_rounds.labels(rec.device).inc()
-        self.device_committed.labels(rec.device).inc(rec.committed_tokens)
+        device = metrics_label(rec.device)
+        self.device_rounds.labels(device).inc()
+        self.device_committed.labels(device).inc(rec.committed_tokens)
         if rec.draft_tokens:
             self.drafts.inc()
             self.draft_tokens.inc(rec.draft_tokens)
             self.accepted_tokens.inc(rec.accepted_tokens)
-            self.device_draft.labels(rec.device).inc(rec.draft_tokens)
-            self.device_accepted.labels(rec.device).inc(rec.accepted_tokens)
+            self.device_draft.labels(device).inc(rec.draft_tokens)
+            self.device_accepted.labels(device).inc(rec.accepted_tokens)
             for pos in range(min(rec.accepted_tokens, MAX_POSITIONS)):
                 self.accepted_per_pos.labels(str(pos)).inc()
 
@@ -99,5 +103,14 @@ class Metrics:
         self.pass_tokens.observe(rec.tokens)
         self.pass_seconds.observe(rec.seconds)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    async def endpoint(self) -> Response:
+        """``GET /metrics``: the exposition, on the API's port or an operator-only one."""
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE)
+
+
+def metrics_app(metrics: Metrics) -> FastAPI:
+    """``/metrics`` alone, for ``--metrics-host``/``--metrics-port``: scraped on an address that
+    only operators reach, away from the port the devices (and anyone else) can reach."""
+    app = FastAPI(title="sled verifier metrics", openapi_url=None, docs_url=None, redoc_url=None)
+    app.get("/metrics")(metrics.endpoint)
+    return app

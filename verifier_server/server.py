@@ -11,16 +11,19 @@ SIGTERM, or SIGINT, skips the rest of the drain (uvicorn's own shutdown).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import signal
 import time
+from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from verifier_server.engine import Engine
+from verifier_server.metrics import metrics_app
 
 log = logging.getLogger("sled.verifier")
 POLL_S = 0.05
@@ -56,7 +59,33 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_grace_s: float) -> None:
+class _MetricsServer(uvicorn.Server):
+    """The operators' ``/metrics`` listener, beside the API's: it leaves the signals to the API's
+    server (which drains on SIGTERM) and exits when that one does."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_grace_s: float,
+          metrics: tuple[str, int] | None = None) -> None:
+    """Serve ``app``; with ``metrics`` (host, port), also ``/metrics`` there (``metrics_app``)."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(math.ceil(drain_grace_s), 1))
-    DrainingServer(config, engine, drain_grace_s).run()
+    server = DrainingServer(config, engine, drain_grace_s)
+    if metrics is None:
+        server.run()
+        return
+    scraper = _MetricsServer(uvicorn.Config(metrics_app(app.state.metrics), host=metrics[0], port=metrics[1],
+                                            log_level="warning", access_log=False))
+
+    async def both() -> None:
+        listening = asyncio.ensure_future(scraper.serve())
+        try:
+            await server.serve()
+        finally:
+            scraper.should_exit = True
+            await listening
+
+    asyncio.run(both())

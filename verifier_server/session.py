@@ -16,6 +16,7 @@ from shared.sampling import GREEDY_SAMPLING, Sampling
 from shared.utf8 import complete_prefix_len
 from verifier_server.auth import ANONYMOUS
 from verifier_server.draft_hint import AcceptanceHistory
+from verifier_server.stops import StopMatcher
 
 
 @dataclass
@@ -25,14 +26,16 @@ class Session:
     prompt_len: int
     ids: list[int]
     max_tokens: int
-    stop: list[bytes]
+    stops: StopMatcher
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     owner: str = ANONYMOUS  # the device that created it: the only one that may use it
     idempotency_key: str | None = None
     text: bytearray = field(default_factory=bytearray)  # bytes of the generated ids
     sent: int = 0  # how many bytes of ``text`` were returned to the device
     round: int = 0
-    last: VerifyResponse | None = None
+    # The last answers, replayed to a retry of their round: a device may have sent up to
+    # MAX_CHAINED chained rounds behind one whose answer it lost.
+    answers: deque[VerifyResponse] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED + 1))
     # where the last rounds' answers begin in ``text`` (each ends where the next begins, the last at ``sent``)
     answer_starts: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_CHAINED))
     finish_reason: FinishReason | None = None
@@ -57,17 +60,11 @@ class Session:
         end = complete_prefix_len(self.text)
         if self.finished:
             return end
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, end), 0, -1):
-                if self.text[end - k : end] == stop[:k]:
-                    end -= k
-                    break
-        return end
+        return min(end, len(self.text) - self.stops.pending())
 
-    def find_stop(self, search_from: int) -> int | None:
-        """Earliest index in ``text`` where a stop string begins, searching from ``search_from``."""
-        hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-        return min(hits) if hits else None
+    def replay(self, round_no: int) -> VerifyResponse | None:
+        """The answer already given to round ``round_no``, if it is among the last ones."""
+        return next((a for a in self.answers if a.round == round_no), None)
 
     def answered_text(self, rounds: int) -> bytes | None:
         """The text of the answers to the last ``rounds`` rounds (None: not that many yet)."""
