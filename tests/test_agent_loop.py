@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from oracle import EOS, PROMPT, ByteTokenizer, OracleRunner
 
 from edge_agent.agent import Agent, GenerationCancelled, GenerationResult
 from edge_agent.client import VerifierClient
@@ -24,6 +23,8 @@ from shared.codec import MSGPACK, decode, encode
 from shared.protocol import ErrorBody, ErrorResponse, VerifyRequest
 from verifier_server.app import create_app
 from verifier_server.engine import Engine, EngineConfig
+
+from oracle import EOS, PROMPT, ByteTokenizer, OracleRunner
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # five\n"
 DRAFT = 4  # drafter tokens (bytes) a round

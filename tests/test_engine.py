@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from oracle import PROMPT, OracleRunner
 
 from shared.protocol import SessionCreate, VerifyRequest
 from verifier_server.engine import Conflict, Engine, EngineConfig, NotFound
 from verifier_server.runner import RunnerError
 
 from conftest import ROOT
+from oracle import PROMPT, OracleRunner
 
 
 def run(continuation: str, scenario, **config):

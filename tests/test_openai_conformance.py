@@ -30,10 +30,11 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from test_daemon import DEAD, LIMITS, MESSAGES, TARGET, config_for, serving
 
 from edge_agent.drafting import NgramSource
 from verifier_server.process import VerifierProcess
+
+from test_daemon import DEAD, LIMITS, MESSAGES, TARGET, config_for, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT.parent / "shared" / "openai" / "openapi.json.gz"
