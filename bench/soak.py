@@ -142,9 +142,9 @@ def rss_mb(pid: int) -> float:
 class Sampler(threading.Thread):
     """Samples the verifier's RSS and parked sessions every second while the load runs."""
 
-    def __init__(self, verifier: VerifierProcess) -> None:
+    def __init__(self, verifier: VerifierProcess, token: str) -> None:
         super().__init__(daemon=True)
-        self.verifier = verifier
+        self.verifier, self.token = verifier, token
         self.rss: list[float] = []
         self.parked: list[int] = []
         self.stop = threading.Event()
@@ -152,14 +152,15 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(1.0):
             self.rss.append(rss_mb(self.verifier.proc.pid))
-            self.parked.append(self.verifier.stats()["parked_sessions"])
+            self.parked.append(self.verifier.stats(self.token)["parked_sessions"])
 
 
-async def load_fleet(url: str, tokens: list[str], traces: list[Trace], duration_s: float, think_s: float) -> Counts:
+async def load_fleet(url: str, tokens: list[str], traces: list[Trace], duration_s: float, think_s: float,
+                     timeout_s: float = 120.0) -> Counts:
     tally = Counts()
     until = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens) + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(120.0, connect=10.0)) as http:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(timeout_s, connect=10.0)) as http:
         await asyncio.gather(*(device(http, t, traces, until, think_s, tally, random.Random(i))
                                for i, t in enumerate(tokens)))
     return tally
@@ -192,7 +193,8 @@ class SoakReport:
 
 
 def soak(devices: int, duration_s: float, target: str, drafter: str, think_ms: float, prompts: int,
-         max_tokens: int, slots: int, parked_mb: int, threads: int | None = None) -> SoakReport:
+         max_tokens: int, slots: int, parked_mb: int, threads: int | None = None, timeout_s: float = 120.0
+         ) -> SoakReport:
     tokens = {f"sim-{i:04d}": new_token() for i in range(devices)}
     recorder = new_token()
     with tempfile.TemporaryDirectory() as work:
@@ -204,14 +206,15 @@ def soak(devices: int, duration_s: float, target: str, drafter: str, think_ms: f
                              log=Path(work) / "verifier.log", startup_timeout_s=600) as verifier:
             traces = record(verifier.url, recorder, drafter, prompts, max_tokens)
             start_rss = rss_mb(verifier.proc.pid)
-            sampler = Sampler(verifier)
+            sampler = Sampler(verifier, recorder)
             sampler.start()
-            tally = asyncio.run(load_fleet(verifier.url, list(tokens.values()), traces, duration_s, think_ms / 1000))
+            tally = asyncio.run(load_fleet(verifier.url, list(tokens.values()), traces, duration_s, think_ms / 1000,
+                                           timeout_s))
             sampler.stop.set()
             sampler.join()
             time.sleep(1.0)
             end_rss = rss_mb(verifier.proc.pid)
-            stats = verifier.stats()
+            stats = verifier.stats(recorder)
     lat = np.asarray(tally.latencies_s) * 1e3
     p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0)
     return SoakReport(
@@ -235,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--slots", type=int, default=64, help="the verifier's KV slots (sessions verified at once)")
     ap.add_argument("--parked-mb", type=int, default=512, help="host memory for parked sessions")
+    ap.add_argument("--timeout-s", type=float, default=120.0,
+                    help="a device's wait for an answer: a CPU verifier makes a thousand devices wait minutes")
     ap.add_argument("--json", type=Path, help="write the report to this file")
     args = ap.parse_args(argv)
     report = soak(args.devices, args.minutes * 60, args.target, args.drafter, args.think_ms, args.prompts,
-                  args.max_tokens, args.slots, args.parked_mb)
+                  args.max_tokens, args.slots, args.parked_mb, timeout_s=args.timeout_s)
     print(report.summary(), file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

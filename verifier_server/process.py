@@ -101,8 +101,12 @@ class VerifierProcess(ServiceProcess):
                  auth: tuple[str, ...] = ("--auth", "none"), **kw: Any) -> None:
         super().__init__("--model", model, "--threads", str(threads), *auth, *options, **kw)
 
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
+    def stats(self, token: str | None = None) -> dict:
+        """``/v1/stats``; with authentication on, as the device (or operator) of ``token``."""
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        response = httpx.get(f"{self.url}/v1/stats", headers=headers, timeout=30)
+        response.raise_for_status()
+        return response.json()
 
 
 class AgentDaemonProcess(ServiceProcess):
