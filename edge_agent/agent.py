@@ -370,7 +370,7 @@ class Agent:
                 except VerifierError as e:
                     chains.clear()  # a resumed session numbers its rounds afresh
                     if _replica_lost(e):  # another replica takes over
-                        self.client.failover()
+                        self.client.failover(left_behind=session)
                         result.failovers += 1
                     elif e.status in RESUME_STATUSES:
                         # The replica works: free what the session holds there (it may have
@@ -420,6 +420,7 @@ class Agent:
                     break
         finally:
             self.client.delete_session(session)
+            self.client.delete_left_behind()
         result.elapsed_s = time.perf_counter() - t0
         return result
 

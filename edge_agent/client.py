@@ -50,6 +50,8 @@ class VerifierError(RuntimeError):
 # or this device is over its limits (429: after the server's Retry-After).
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 30.0
+# Deleting a session left on a replica failed over from: a quick try, never a wait on a dead host.
+LEFT_BEHIND_TIMEOUT_S = 2.0
 
 
 def is_loopback(url: str) -> bool:
@@ -119,6 +121,7 @@ class VerifierClient:
             for url in self.urls
         ]
         self.current = start % len(self.urls)
+        self._left_behind: list[tuple[int, str]] = []  # (replica, session) failed over from
         self._capabilities: dict[int, frozenset[str]] = {}
 
     @property
@@ -129,10 +132,27 @@ class VerifierClient:
     def _http(self) -> httpx.Client:
         return self._clients[self.current]
 
-    def failover(self) -> str:
-        """Move to the next replica (sessions are re-created there from their ids); its URL."""
+    def failover(self, left_behind: str | None = None) -> str:
+        """Move to the next replica (sessions are re-created there from their ids); its URL.
+        ``left_behind``, the session the device held on the replica it leaves, is deleted there
+        by ``delete_left_behind`` once that replica answers again."""
+        if left_behind is not None:
+            self._left_behind.append((self.current, left_behind))
         self.current = (self.current + 1) % len(self.urls)
         return self.base_url
+
+    def delete_left_behind(self) -> None:
+        """Best effort, without retries: delete the sessions left on replicas failed over from,
+        so that a replica which comes back does not hold them (and count them against the
+        device's cap) until they expire. One still unreachable keeps its sessions for a later
+        call, or for its own expiry."""
+        still = []
+        for replica, session_id in self._left_behind:
+            try:
+                self._clients[replica].delete(f"/sessions/{session_id}", timeout=LEFT_BEHIND_TIMEOUT_S)
+            except httpx.HTTPError:
+                still.append((replica, session_id))
+        self._left_behind = still
 
     def close(self) -> None:
         for client in self._clients:
