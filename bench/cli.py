@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             from bench.soak import main as soak
 
             return soak(argv[1:])
+        if argv[:1] == ["scrape"]:  # what scraping /v1/stats and /metrics costs the rounds (bench/scrape.py)
+            from bench.scrape import main as scrape
+
+            return scrape(argv[1:])
         if argv[:1] == ["strategies"]:  # device-side drafting strategies (bench/strategies.py)
             from bench.strategies import main as strategies
 
