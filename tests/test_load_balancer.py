@@ -11,11 +11,14 @@ processes: two replicas, four agents with their own device tokens, all talking t
 """
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,7 +137,11 @@ def test_a_replica_killed_behind_nginx_loses_nothing(tier, drafters, reference_b
 
 def test_a_rolling_restart_behind_nginx_loses_nothing(tier, drafters, reference_backend):
     """Each agent generates again and again while replica a, then replica b, is drained with
-    SIGTERM (it must exit 0 within its grace period) and started again on its port."""
+    SIGTERM (it must exit 0 within its grace period) and started again on its port. The long run
+    (SLED_RESTART_SOAK_S=600 SLED_RESTART_EVERY_S=120) goes on restarting one replica, a and b in
+    turn, every period until the time is up."""
+    soak_s = float(os.environ.get("SLED_RESTART_SOAK_S", "0"))
+    every_s = float(os.environ.get("SLED_RESTART_EVERY_S", "120"))
     restarted = threading.Event()
     first_text = threading.Event()
 
@@ -149,17 +156,24 @@ def test_a_rolling_restart_behind_nginx_loses_nothing(tier, drafters, reference_
     with ThreadPoolExecutor(AGENTS) as pool:
         futures = [pool.submit(run, i) for i in range(AGENTS)]
         assert first_text.wait(120)
-        exit_codes = {}
-        for name in ("a", "b"):
+        began = time.monotonic()
+        exit_codes = []
+        for turn in itertools.count():
+            if turn >= 2 and time.monotonic() - began + every_s > soak_s:
+                break
+            if turn >= 2:
+                time.sleep(every_s)  # the agents generate on meanwhile: the soak's load
+            name = "ab"[turn % 2]
             old = tier.replicas[name]
             old.proc.send_signal(signal.SIGTERM)
-            exit_codes[name] = old.proc.wait(timeout=40)
+            exit_codes.append(old.proc.wait(timeout=40))
             tier.start(name)
         restarted.set()
         results = {i: f.result(timeout=300) for i, f in enumerate(futures)}
-    assert exit_codes == {"a": 0, "b": 0}
+    assert exit_codes == [0] * len(exit_codes)
     assert sum(r.resumed for runs in results.values() for r in runs) >= 1  # sessions moved off a draining replica
-    _check(results, reference_backend(TARGET), "nginx, rolling restart of both replicas")
+    _check(results, reference_backend(TARGET), f"nginx, {len(exit_codes)} rolling restarts "
+           f"over {time.monotonic() - began:.0f} s")
 
 
 def with_replica(conf: str, name: str) -> str:
