@@ -131,6 +131,24 @@ def test_long_stop_strings_are_matched_across_rounds():
     assert b"".join(a.text for a in answers) == b"ab" and answers[-1].finish_reason == "stop"
 
 
+def test_a_session_whose_round_waited_longer_than_its_ttl_is_not_expired_on_answering():
+    """On a loaded verifier (1,000 devices on a CPU) a round can wait minutes for its pass; the
+    time-to-live counts from its answer, not from its arrival."""
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=8))).session_id
+        runner.gate.clear()
+        held = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1)))
+        while not engine.rounds_in_flight():
+            await asyncio.sleep(0)
+        engine.sessions[sid].last_used -= 2 * engine.config.session_ttl_s  # the round waits that long
+        runner.gate.set()
+        await held
+        engine.expire_idle()  # the device's next round is on its way
+        return (await engine.verify(sid, VerifyRequest(round=2))).round
+
+    assert run("abc", scenario) == 2
+
+
 # --- retries behind chained rounds ----------------------------------------------------------------
 def test_a_retry_of_a_round_answered_before_a_chained_one_gets_its_answer_again():
     async def scenario(engine, runner):

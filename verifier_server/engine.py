@@ -210,6 +210,7 @@ class Engine:
             except BaseException:
                 self._forget(s)
                 raise
+            s.touch()  # idle from now: a prefill queued behind a loaded server is not idleness
         return created
 
     @contextlib.contextmanager
@@ -322,7 +323,12 @@ class Engine:
             async with s.lock:
                 if self.sessions.get(session_id) is not s:  # deleted or expired while we waited
                     raise NotFound(f"session '{session_id}' was deleted")
-                return await self._round(s, req)
+                try:
+                    return await self._round(s, req)
+                finally:
+                    # The time-to-live counts from the answer: a round that waited minutes for a
+                    # pass on a loaded server must not leave its session expired on arrival.
+                    s.touch()
         finally:
             if self.draining:  # its round has answered: the device resumes elsewhere
                 self._forget(s)
