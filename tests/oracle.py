@@ -37,8 +37,8 @@ class ByteTokenizer:
 
 class OracleRunner:
     """Its target continues PROMPT with ``continuation`` and then EOS; rounds are verified by the
-    real acceptance rule on one-hot logits. ``gate`` holds rounds (and prefills) until set;
-    ``fail`` makes the next round raise."""
+    real acceptance rule on one-hot logits. ``gate`` holds rounds (and prefills) until set
+    (``held`` counts those it holds now); ``fail`` makes the next round raise."""
 
     name = "oracle"
     model_name = "oracle"
@@ -51,18 +51,31 @@ class OracleRunner:
         self.target = list(continuation.encode()) + [EOS]
         self.gate = asyncio.Event()
         self.gate.set()
+        self.held = 0
         self.fail: Exception | None = None
         self.rounds = 0
         self.prefilled: list[str] = []
         self.released: list[str] = []
         self.load = LoadModel(CostCurve({1: 0.01, 16: 0.01}))  # a flat curve: drafting pays
 
+    async def _pass_gate(self) -> None:
+        self.held += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.held -= 1
+
+    async def until_held(self, n: int = 1) -> None:
+        """Returns once ``n`` calls wait at the gate (turns of the event loop, not time)."""
+        while self.held < n:
+            await asyncio.sleep(0)
+
     async def prefill(self, key, ids) -> None:
-        await self.gate.wait()
+        await self._pass_gate()
         self.prefilled.append(key)
 
     async def verify(self, key, ids, candidates, rule) -> RoundOutcome:
-        await self.gate.wait()
+        await self._pass_gate()
         if self.fail is not None:
             error, self.fail = self.fail, None
             raise error
@@ -91,3 +104,10 @@ class OracleRunner:
 
     def close(self) -> None:
         pass
+
+
+async def settle() -> None:
+    """Let every task that is ready run until it blocks (on a lock, the gate): a few turns of the
+    event loop, which involve no time and no other thread."""
+    for _ in range(20):
+        await asyncio.sleep(0)

@@ -15,7 +15,7 @@ from verifier_server.engine import Conflict, Engine, EngineConfig, NotFound
 from verifier_server.runner import RunnerError
 
 from conftest import ROOT
-from oracle import PROMPT, OracleRunner
+from oracle import PROMPT, OracleRunner, settle
 
 
 def run(continuation: str, scenario, **config):
@@ -33,7 +33,7 @@ async def held_round(engine: Engine, runner: OracleRunner, draft: bytes = b"") -
     sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
     runner.gate.clear()
     task = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=draft)))
-    await asyncio.sleep(0.01)
+    await runner.until_held()
     return sid, task
 
 
@@ -82,9 +82,9 @@ def test_a_chained_round_continues_the_answer_it_bet_on_or_is_stale_and_commits_
         # Round 2 is sent while round 1 ("abc") is in flight, betting on "abc" + bonus "d".
         runner.gate.clear()
         first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"abc")))
-        await asyncio.sleep(0.01)
+        await runner.until_held()
         won = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2, draft=b"abcdefg", chained=1)))
-        await asyncio.sleep(0.01)
+        await settle()  # round 2 waits for round 1's lock
         runner.gate.set()
         answers = [await first, await won]
         # The bet on round 3 loses ("xyz" is not the target's): stale, and 3 is still free.
@@ -191,9 +191,9 @@ def test_a_round_waiting_behind_a_delete_finds_the_session_gone():
     async def scenario(engine, runner):
         sid, first = await held_round(engine, runner)
         delete = asyncio.create_task(engine.delete(sid))  # waits for the round in flight
-        await asyncio.sleep(0.01)
+        await settle()
         second = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2)))
-        await asyncio.sleep(0.01)
+        await settle()
         runner.gate.set()
         results = await asyncio.gather(first, delete, second, return_exceptions=True)
         return results, runner, sid, engine
@@ -209,7 +209,8 @@ def test_creation_with_an_idempotency_key_happens_once():
         req = SessionCreate(prompt=PROMPT, max_tokens=8, idempotency_key="k1")
         runner.gate.clear()  # the first creation is still prefilling when its retry arrives
         tasks = [asyncio.create_task(engine.create(req)) for _ in range(2)]
-        await asyncio.sleep(0.01)
+        await runner.until_held()
+        await settle()  # the retry waits on the first creation
         runner.gate.set()
         a, b = await asyncio.gather(*tasks)
         later = await engine.create(req)
@@ -228,7 +229,7 @@ def test_a_creation_whose_first_caller_went_away_still_answers_its_retry():
         req = SessionCreate(prompt=PROMPT, max_tokens=8, idempotency_key="k1")
         runner.gate.clear()
         first = asyncio.create_task(engine.create(req))
-        await asyncio.sleep(0.01)
+        await runner.until_held()
         first.cancel()  # the client timed out while its session was being prefilled
         await asyncio.gather(first, return_exceptions=True)
         retry = asyncio.create_task(engine.create(req))

@@ -25,7 +25,7 @@ from verifier_server.quantiles import DurationHistogram
 from verifier_server.stops import StopMatcher
 
 from huge_body import stream_into
-from oracle import PROMPT, OracleRunner
+from oracle import PROMPT, OracleRunner, settle
 from test_engine import run
 
 
@@ -138,8 +138,7 @@ def test_a_session_whose_round_waited_longer_than_its_ttl_is_not_expired_on_answ
         sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=8))).session_id
         runner.gate.clear()
         held = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1)))
-        while not engine.rounds_in_flight():
-            await asyncio.sleep(0)
+        await runner.until_held()
         engine.sessions[sid].last_used -= 2 * engine.config.session_ttl_s  # the round waits that long
         runner.gate.set()
         await held
@@ -155,8 +154,9 @@ def test_a_retry_of_a_round_answered_before_a_chained_one_gets_its_answer_again(
         sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
         runner.gate.clear()
         first = asyncio.create_task(engine.verify(sid, VerifyRequest(round=1, draft=b"abc")))
+        await runner.until_held()
         chained = asyncio.create_task(engine.verify(sid, VerifyRequest(round=2, draft=b"abcdefg", chained=1)))
-        await asyncio.sleep(0)
+        await settle()  # round 2 waits for round 1's lock
         runner.gate.set()
         answers = [await first, await chained]
         # Round 1's answer was lost on its way back; the device retries it after round 2 committed.
