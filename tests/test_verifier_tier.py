@@ -226,9 +226,10 @@ def test_access_log_has_one_json_line_per_request(fleet):
 @pytest.mark.slow
 def test_sigterm_drains_then_exits(tmp_path):
     """Readiness turns false, new sessions get 503 with Retry-After, idle sessions are released
-    (404: the device resumes elsewhere), and the process exits cleanly within the grace period."""
+    (404: the device resumes elsewhere), the replica keeps answering for the linger even though it
+    is idle, and the process exits cleanly within the grace period."""
     server = VerifierProcess(TARGET, "--slots", "2", "--ctx-per-slot", "512", "--drain-grace", "20",
-                             log=tmp_path / "v.log", startup_timeout_s=120)
+                             "--drain-linger", "2", log=tmp_path / "v.log", startup_timeout_s=120)
     try:
         sid = _create(server.url, {}).json()["session_id"]
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
@@ -251,6 +252,7 @@ def test_sigterm_drains_then_exits(tmp_path):
         assert int(new.headers["retry-after"]) >= 1
         assert stale is not None and stale.status_code == 404  # released: its device resumes elsewhere
         assert server.proc.wait(timeout=25) == 0
+        assert time.monotonic() - t0 >= 2.0, "an idle replica closed its port before the linger"
         assert "draining" in (tmp_path / "v.log").read_text()
     finally:
         server.stop()

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="this replica's name behind a load balancer: session ids start with it (deploy/nginx)")
     o.add_argument("--drain-grace", type=float, default=30.0,
                    help="on SIGTERM, seconds to let rounds in flight finish before exiting")
+    o.add_argument("--drain-linger", type=float, default=2.0,
+                   help="on SIGTERM, seconds to keep answering (readyz 503) even when idle, so load "
+                        "balancers polling readiness see the drain before the port closes (default 2)")
     o.add_argument("--no-access-log", action="store_true", help="no JSON line per request on stderr")
     o.add_argument("--metrics-port", type=int, default=None,
                    help="serve /metrics on this port only (not on the API's port), for operators' scrapers")
@@ -163,7 +166,7 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         app = create_app(engine, credentials, limits, serve_metrics=args.metrics_port is None)
         metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
-        serve(app, engine, args.host, args.port, args.drain_grace, metrics)
+        serve(app, engine, args.host, args.port, args.drain_grace, args.drain_linger, metrics)
     finally:
         engine.close()
 

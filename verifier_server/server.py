@@ -5,7 +5,10 @@ A rolling restart sends SIGTERM. The replica then drains instead of dropping its
 503 with ``Retry-After`` (nginx passes session creation on to another replica), idle sessions are
 released, and each busy one once its round in flight has answered; its device gets 404 on the
 next round and resumes the session elsewhere from its ids (exact: nothing lost or repeated). The
-process exits when no round is in flight, or after the grace period at the latest. A second
+process keeps answering for at least the linger (so a load balancer or orchestrator that polls
+``/readyz`` sees the 503 before the port closes, and a device's next request gets a clear 503 or
+404 rather than a refused connection), then exits when no round is in flight, or after the grace
+period at the latest. A second
 SIGTERM, or SIGINT, skips the rest of the drain (uvicorn's own shutdown).
 """
 from __future__ import annotations
@@ -30,10 +33,11 @@ POLL_S = 0.05
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float, linger_s: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
+        self.linger_s = min(linger_s, grace_s)
         self._drain: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -51,7 +55,8 @@ class DrainingServer(uvicorn.Server):
         sessions = len(self.engine.sessions)
         self.engine.drain()
         log.warning("SIGTERM: draining (%d sessions; grace %.0f s)", sessions, self.grace_s)
-        while self.engine.rounds_in_flight() and time.monotonic() - t0 < self.grace_s:
+        while time.monotonic() - t0 < self.grace_s and (
+                self.engine.rounds_in_flight() or time.monotonic() - t0 < self.linger_s):
             await asyncio.sleep(POLL_S)
         left = self.engine.rounds_in_flight()
         log.warning("drained in %.2f s%s; exiting", time.monotonic() - t0,
@@ -68,12 +73,12 @@ class _MetricsServer(uvicorn.Server):
         yield
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_grace_s: float,
+def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_grace_s: float, drain_linger_s: float,
           metrics: tuple[str, int] | None = None) -> None:
     """Serve ``app``; with ``metrics`` (host, port), also ``/metrics`` there (``metrics_app``)."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(math.ceil(drain_grace_s), 1))
-    server = DrainingServer(config, engine, drain_grace_s)
+    server = DrainingServer(config, engine, drain_grace_s, drain_linger_s)
     if metrics is None:
         server.run()
         return
