@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -16,16 +17,22 @@ from shared.models import REGISTRY, ModelError, fetch, resolve
 from shared.sampling import add_sampling_args, sampling_from_args
 from verifier_server.auth import DEVICE_ID, Credentials, hash_token, new_token
 from verifier_server.runner import RunnerError
+from verifier_server.vllm.options import add_vllm_args
 
 log = logging.getLogger("sled.verifier")
 _REPLICA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+ENGINES = ("llama.cpp", "vllm")
 
 if TYPE_CHECKING:
     from verifier_server.llama.backend import LlamaBackend
+    from verifier_server.runner import Runner
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="registry name or GGUF path")
+    p.add_argument("--engine", choices=ENGINES, default="llama.cpp",
+                   help="llama.cpp (default: CPUs, one GPU) or vllm (GPU servers, targets beyond one GPU)")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b",
+                   help="registry name or GGUF path (vllm: a registry name converted once, or a converted directory)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU build")
 
@@ -38,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--slots", type=int, default=8, help="KV sequences (sessions verified at once)")
-    s.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per session")
+    s.add_argument("--slots", type=int, default=8, help="KV sequences (sessions verified at once; vllm: max_num_seqs)")
+    s.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per session (vllm: max_model_len)")
     s.add_argument("--max-sessions", type=int, default=64)
     s.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session expires")
     s.add_argument("--parked-mb", type=int, default=1024, help="host memory for sessions parked out of a slot")
@@ -52,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmarks: answer from recorded greedy decodings (JSON lines of ids, made by "
                         "sled-bench strategies) instead of running the model; with --emulate-pass-ms, a "
                         "verifier with a GPU's timing")
+    add_vllm_args(s)
     a = s.add_argument_group("devices", "who may call, and how much (see deploy/README.md)")
     a.add_argument("--auth", choices=("token", "none"), default="token",
                    help="token: per-device bearer tokens from --fleet or --tokens; none: anyone (a lab only)")
@@ -92,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="the built-in model names")
     f = msub.add_parser("fetch", help="install and assemble models ahead of time")
     f.add_argument("names", nargs="+")
+    c = msub.add_parser("convert", help="write a registry model's HF directory for --engine vllm (once; the vLLM environment)")
+    c.add_argument("names", nargs="+")
     return ap
 
 
@@ -99,6 +109,44 @@ def _backend(args: argparse.Namespace, **kw: Any) -> LlamaBackend:
     from verifier_server.llama.backend import LlamaBackend
 
     return LlamaBackend(resolve(args.model), args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **kw)
+
+
+def _llama_runner(args: argparse.Namespace) -> Runner:
+    from verifier_server.llama.forward import FixedCostBackend, ForwardBackend
+    from verifier_server.llama.runner import LlamaRunner
+
+    backend: ForwardBackend
+    if args.replay is not None:
+        from verifier_server.llama.replay import ReplayBackend, load_recordings
+
+        backend = ReplayBackend(resolve(args.model), args.model, load_recordings(args.replay), n_slots=args.slots,
+                                ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
+    else:
+        backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
+    if args.emulate_pass_ms > 0:
+        backend = FixedCostBackend(backend, args.emulate_pass_ms / 1000)
+    return LlamaRunner(backend, token_budget=args.token_budget, wait_window_s=args.wait_window_ms / 1000,
+                       max_parked_bytes=args.parked_mb << 20)
+
+
+def vllm_runner(args: argparse.Namespace) -> Runner:
+    """vLLM over the converted directory, tokenizing with its GGUF's vocabulary (as llama.cpp does)."""
+    from shared.llama_tokenizer import LlamaTokenizer, load_model
+    from verifier_server.vllm.convert import model_dir, tokenizer_gguf
+    from verifier_server.vllm.options import options_from_args
+
+    if args.replay is not None or args.emulate_pass_ms > 0 or args.gpu_layers:
+        raise ValueError("--replay, --emulate-pass-ms and --gpu-layers are llama.cpp's; vLLM uses every GPU it is given")
+    directory = model_dir(args.model)
+    options = options_from_args(args, str(directory))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per load step and request
+    if args.threads is not None:  # a CPU build: vLLM's OpenMP threads, none kept back for itself
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from verifier_server.vllm.runner import VllmRunner
+
+    tokenizer = LlamaTokenizer(load_model(tokenizer_gguf(directory), vocab_only=True))
+    return VllmRunner(options, tokenizer, args.model, top_k=args.top_k_rows, full_rows=args.full_rows)
 
 
 def _access(args: argparse.Namespace) -> tuple[Credentials, DeviceLimits]:
@@ -124,8 +172,6 @@ def _access(args: argparse.Namespace) -> tuple[Credentials, DeviceLimits]:
 def _serve(args: argparse.Namespace) -> None:
     from verifier_server.app import create_app
     from verifier_server.engine import Engine, EngineConfig
-    from verifier_server.llama.forward import FixedCostBackend, ForwardBackend
-    from verifier_server.llama.runner import LlamaRunner
     from verifier_server.server import serve
 
     if args.replica_id and not _REPLICA_ID.match(args.replica_id):
@@ -137,22 +183,7 @@ def _serve(args: argparse.Namespace) -> None:
         log.warning("WARNING: --auth none: any client that reaches this port may create and drive any session. "
                     "For a lab only; use --fleet or --tokens in production.")
 
-    backend: ForwardBackend
-    if args.replay is not None:
-        from verifier_server.llama.replay import ReplayBackend, load_recordings
-
-        backend = ReplayBackend(resolve(args.model), args.model, load_recordings(args.replay), n_slots=args.slots,
-                                ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
-    else:
-        backend = _backend(args, n_slots=args.slots, ctx_per_slot=args.ctx_per_slot, n_batch=args.token_budget)
-    if args.emulate_pass_ms > 0:
-        backend = FixedCostBackend(backend, args.emulate_pass_ms / 1000)
-    runner = LlamaRunner(
-        backend,
-        token_budget=args.token_budget,
-        wait_window_s=args.wait_window_ms / 1000,
-        max_parked_bytes=args.parked_mb << 20,
-    )
+    runner = vllm_runner(args) if args.engine == "vllm" else _llama_runner(args)
     config = EngineConfig(
         max_draft_tokens=args.max_draft_tokens,
         max_sessions=args.max_sessions,
@@ -186,14 +217,25 @@ or as a line of a tokens file (--tokens):
 
 def _generate(args: argparse.Namespace) -> None:
     from shared.protocol import ChatMessage
-    from verifier_server.llama.reference import plain_reference
 
-    backend = _backend(args, n_slots=1, ctx_per_slot=4096)
     messages = [ChatMessage(role="user", content=args.prompt)] if args.chat else None
-    prompt = backend.tokenizer.prompt_ids(None if args.chat else args.prompt, messages)
     sampling, seed = sampling_from_args(args)
-    t0 = time.perf_counter()
-    ref = plain_reference(backend, prompt, args.max_tokens, sampling, seed)
+    if args.engine == "vllm":
+        from verifier_server.vllm import reference as vllm_reference
+
+        runner = vllm_runner(serve_args(["--model", args.model, "--ctx-per-slot", "4096", "--slots", "1",
+                                         *(["--threads", str(args.threads)] if args.threads else [])]))
+        prompt = runner.tokenizer.prompt_ids(None if args.chat else args.prompt, messages)
+        t0 = time.perf_counter()
+        ref = vllm_reference.plain_reference(runner, prompt, args.max_tokens, sampling, seed)
+        runner.close()
+    else:
+        from verifier_server.llama.reference import plain_reference
+
+        backend = _backend(args, n_slots=1, ctx_per_slot=4096)
+        prompt = backend.tokenizer.prompt_ids(None if args.chat else args.prompt, messages)
+        t0 = time.perf_counter()
+        ref = plain_reference(backend, prompt, args.max_tokens, sampling, seed)
     elapsed = time.perf_counter() - t0
     text = ref.text.decode(errors="replace")
     if args.json:
@@ -217,8 +259,19 @@ def _models(args: argparse.Namespace) -> None:
         for spec in REGISTRY.values():
             print(f"{spec.name:22} {spec.size / 1e6:8.0f} MB  {spec.tokenizer:40} {spec.description}")
         return
+    if args.models_command == "convert":
+        from verifier_server.vllm.convert import convert
+
+        for name in args.names:
+            print(f"{name}: {convert(name)}")
+        return
     for name in args.names:
         print(f"{name}: {fetch(name)}")
+
+
+def serve_args(argv: list[str]) -> argparse.Namespace:
+    """``sled-verifier serve`` options, parsed (for tools that load a runner the same way)."""
+    return _parser().parse_args(["serve", *argv])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,10 @@ class LoadModel:
         return max(per_pass - 1.0, 0.0) * per_round
 
     def round_cost(self) -> RoundCost:
-        others = self.others()
-        base = self.curve(others)
-        return lambda n: max(self.curve(others + n) - base, 1e-9)
+        return marginal_cost(self.curve, self.others())
+
+
+def marginal_cost(curve: CostCurve, others: float) -> RoundCost:
+    """A round's price: what its n positions add to a pass that ``others`` tokens fill already."""
+    base = curve(others)
+    return lambda n: max(curve(others + n) - base, 1e-9)

@@ -1,0 +1,81 @@
+"""Plain decoding on vLLM: the baseline the vLLM runner's speculation must reproduce.
+
+One request per token, each the whole row after the ids so far (vLLM reads the prefix from its
+cache and computes the one new position), and the verifier's own draw on it (greedy, or seeded
+sampling exactly as ``shared.sampling`` draws), with the margin of every step; and the
+teacher-forced check of committed ids, one position at a time. ``python -m
+verifier_server.vllm.reference`` answers a file of such jobs as JSON lines with one engine start
+(the tests' oracle, run in the vLLM environment).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shared.sampling import GREEDY_SAMPLING, Sampling, draw, scores
+from verifier_server.lossless import Reference
+from verifier_server.vllm.runner import VllmRunner
+
+
+def plain_reference(runner: VllmRunner, prompt: list[int], max_tokens: int,
+                    sampling: Sampling = GREEDY_SAMPLING, seed: int = 0) -> Reference:
+    ref = Reference()
+    ids = list(prompt)
+    for position in range(len(prompt), len(prompt) + max_tokens):
+        row = runner.call(runner.next_row(ids, full=True))
+        token, margin = draw(row, sampling, seed, position)
+        ref.ids.append(token)
+        ref.gaps.append(margin)
+        if runner.tokenizer.is_eog(token):
+            ref.finish_reason = "eos"
+            break
+        ref.text += runner.tokenizer.piece(token)
+        ids.append(token)
+    return ref
+
+
+def teacher_forced_deficits(runner: VllmRunner, prompt: list[int], ids: Sequence[int],
+                            sampling: Sampling = GREEDY_SAMPLING, seed: int = 0) -> list[float]:
+    """Per committed id, how far its score trails the one-by-one choice at its position."""
+    deficits = []
+    for i, token in enumerate(ids):
+        row = runner.call(runner.next_row(list(prompt) + list(ids[:i]), full=True))
+        x = scores(row, sampling, seed, len(prompt) + i)
+        deficits.append(float(x.max() - x[token]))
+    return deficits
+
+
+def answer(runner: VllmRunner, job: dict[str, Any]) -> dict[str, Any]:
+    """A job: ``prompt_ids``, ``max_tokens`` (plain decoding) or ``forced_ids`` (teacher-forced),
+    and optionally ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``."""
+    sampling = Sampling(job.get("temperature", 0.0), job.get("top_k", 0), job.get("top_p", 1.0), job.get("min_p", 0.0))
+    seed = job.get("seed", 0)
+    if "forced_ids" in job:
+        return {"deficits": teacher_forced_deficits(runner, job["prompt_ids"], job["forced_ids"], sampling, seed)}
+    ref = plain_reference(runner, job["prompt_ids"], job["max_tokens"], sampling, seed)
+    return {"ids": ref.ids, "gaps": ref.gaps, "finish_reason": ref.finish_reason}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from verifier_server import cli
+
+    ap = argparse.ArgumentParser(prog="python -m verifier_server.vllm.reference", description=__doc__)
+    ap.add_argument("--jobs", type=argparse.FileType(), required=True, help="JSON lines, one job each")
+    ap.add_argument("serve_options", nargs=argparse.REMAINDER,
+                    help="after --: sled-verifier serve options that pick the model and the engine's settings")
+    args = ap.parse_args(argv)
+    options = cli.serve_args([*args.serve_options[args.serve_options[:1] == ["--"]:], "--engine", "vllm"])
+    runner = cli.vllm_runner(options)
+    try:
+        for line in args.jobs:
+            if line.strip():
+                print(json.dumps(answer(runner, json.loads(line))), flush=True)
+    finally:
+        runner.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
