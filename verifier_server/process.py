@@ -49,18 +49,19 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
 
 class ServiceProcess:
     """A sled service in a child process on loopback (a free port), awaited until its health
-    endpoint answers; a context manager that stops it."""
+    endpoint answers; a context manager that stops it. ``python``: the interpreter of another
+    environment (the vLLM engine's)."""
 
     module = ""  # the CLI module it runs
     health_path = ""
     what = ""  # for messages
 
     def __init__(self, *args: str, cores: tuple[int, ...] | None = None, log: Path | None = None,
-                 startup_timeout_s: float = 300.0, port: int | None = None) -> None:
+                 startup_timeout_s: float = 300.0, port: int | None = None, python: str = sys.executable) -> None:
         self.port = port or free_port()  # a given port: a restart where a load balancer expects it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.proc = spawn([sys.executable, "-m", self.module, "serve", "--port", str(self.port), *args], log, cores)
+        self.proc = spawn([python, "-m", self.module, "serve", "--port", str(self.port), *args], log, cores)
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
