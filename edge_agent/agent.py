@@ -214,8 +214,9 @@ class Agent:
 
     def _tli_mapping(self, request: SessionCreate) -> np.ndarray | None:
         """The drafter -> target id map when this session drafts with TLI: a sampled session, and
-        ``tli``, or ``auto`` where the drafter's tokens are the target's (where TLI wins)."""
-        if self.model is None or request.temperature == 0 or self.sampling_mode == "slem":
+        ``tli``, or ``auto`` where the drafter's tokens are the target's (where TLI wins), on a
+        replica that verifies TLI rounds (else SLEM)."""
+        if self.model is None or request.temperature == 0 or self.sampling_mode == "slem" or not self._serves_tli():
             return None
         mapping = tli_map(self.model.drafter, self.client)
         return mapping.ids if self.sampling_mode == "tli" or mapping.shares_vocabulary else None
@@ -249,6 +250,14 @@ class Agent:
             if ids:
                 return Draft([self.model.drafter.tokenizer.piece(t) for t in ids], source="gguf"), tli
         return self.source.propose(k, stop), None
+
+    def _serves_tli(self) -> bool:
+        """Whether the current replica verifies TLI rounds (one whose engine serves only top-K rows
+        does not): where it does not, sampled sessions draft plainly (SLEM)."""
+        try:
+            return "sample-tli" in self.client.capabilities()
+        except VerifierError:
+            return False
 
     def _can_chain(self) -> bool:
         try:
@@ -350,7 +359,7 @@ class Agent:
                 else:
                     k = cap
                     proposer = None
-                    if tli_mapping is not None:
+                    if tli_mapping is not None and self._serves_tli():  # asked once per replica
                         rng = np.random.default_rng([created.seed or 0, len(result.ids)])
                         proposer = TliProposer(tli_mapping, Sampling.of(request), rng)
                     stop_at: Callable[[float], bool] | None = None

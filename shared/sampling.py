@@ -130,6 +130,105 @@ def choose(logits: np.ndarray, s: Sampling, seed: int, position: int) -> int:
     return draw(logits, s, seed, position)[0]
 
 
+# Slack for the decisions a full row makes from float32 softmax sums (a top-p or min-p boundary)
+# and a top-K row from its log-probabilities: a boundary this close is left open, never guessed.
+_TOP_TOL = 1e-5
+_IN, _MAYBE, _OUT = 2, 1, 0
+
+
+def choose_top(ids: np.ndarray, logprobs: np.ndarray, n_vocab: int, s: Sampling, seed: int,
+               position: int) -> int | None:
+    """The token ``choose`` would give on the full row, from its top-K entries alone, or None
+    when they cannot settle it.
+
+    ``ids`` are the K most likely ids, best first; ``logprobs`` theirs, normalised over the whole
+    vocabulary of ``n_vocab`` ids (log-softmax: a row's logits less one constant, which changes
+    neither the support nor the draw). Every id not listed (an *unseen* id) has a log-probability
+    at most the K-th's, and a probability at most the mass the K leave, ``1 - sum(exp(logprobs))``.
+
+    Why the answer is exact: the full draw is the argmax, over the support, of ``logprob + T * g``
+    with ``g = gumbel_noise(seed, position, n_vocab)``, which is known for every id on the host.
+    Each stage of ``support`` is replayed on the K listed ids with those two bounds standing for
+    the unseen ones, and gives every listed id, and the unseen ids as one group, a verdict: surely
+    in the support, surely out, or undecided. Top-k with ``top_k <= K`` is decided when the
+    ``top_k``-th listed log-probability is strictly above every unseen one (the support is then
+    listed ids only); with ``top_k > K`` all listed ids survive and top-p's renormalisation mass
+    lies between the listed mass and 1. Top-p keeps an id iff the probability of the ids before
+    it (by probability, ties by id) is below ``top_p`` times that mass: bounds on both decide it,
+    where unseen ids can only come before a listed id that they may tie. Min-p compares each
+    probability with ``min_p`` times the best, which is ``exp(logprobs[0])``. Boundaries within
+    ``_TOP_TOL`` of flipping (float32 sums on the full side) stay undecided. The answer is then the
+    best perturbed score ``w`` among the surely-in ids, *certified* when it beats every undecided
+    listed id's score and ``logprobs[-1]`` (or the mass bound) plus ``T`` times the largest noise
+    of any unseen id: whichever undecided ids the full row keeps, none can outscore ``w``, and ``w``
+    is in. Anything less is None, and the caller must score the full row. Greedy is the first id
+    (the smallest of ids tied with it, as ``np.argmax`` picks)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    k = ids.size
+    if k == 0:
+        return None
+    if s.greedy:
+        return int(ids[lp == lp[0]].min())
+    p = np.exp(lp)
+    rest = max(1.0 - float(p.sum()), 0.0) + _TOP_TOL  # the mass the unseen ids share, at most
+    u = min(float(p[-1]), rest) if n_vocab > k else 0.0  # an unseen id's probability, at most
+    lu = float(np.log(u)) if u > 0.0 else -np.inf
+    known = np.full(k, _IN)
+    unseen = _MAYBE if n_vocab > k else _OUT
+    # top-k, and the mass top-p renormalises over (bounds: unseen survivors are unknown)
+    z_lo = z_hi = 1.0
+    if 0 < s.top_k < n_vocab:
+        if s.top_k <= k:
+            kth = lp[s.top_k - 1]
+            if not kth > lu:  # an unseen id may tie the top_k-th: the cut is unknown
+                return None
+            known[lp < kth] = _OUT
+            unseen = _OUT
+            z_lo = z_hi = float(p[lp >= kth].sum())
+        else:  # every listed id survives, and some unseen ids do
+            z_lo = float(p.sum())
+    if s.top_p < 1.0:
+        m = np.flatnonzero(known > _OUT)  # listed survivors, in order of probability
+        pm = p[m]
+        before = np.concatenate(([0.0], np.cumsum(pm)[:-1]))
+        # Ids of (nearly) equal probability may come in either order on the full row.
+        near = np.abs(pm[:, None] - pm[None, :]) <= _TOP_TOL * pm[:, None]
+        idx = np.arange(m.size)
+        lo = before - (near * (idx[None, :] < idx[:, None]) * pm[None, :]).sum(axis=1)
+        hi = before + (near * (idx[None, :] > idx[:, None]) * pm[None, :]).sum(axis=1)
+        if unseen != _OUT:  # unseen ids may come before the listed ids they may tie
+            hi = hi + np.where(u >= pm * (1.0 - _TOP_TOL), rest, 0.0)
+        verdict = np.where(hi < s.top_p * z_lo - _TOP_TOL, _IN,
+                           np.where(lo >= s.top_p * z_hi + _TOP_TOL, _OUT, _MAYBE))
+        known[m] = np.minimum(known[m], verdict)
+        if unseen != _OUT and p[p > u * (1.0 + _TOP_TOL)].sum() >= s.top_p * z_hi + _TOP_TOL:
+            unseen = _OUT  # the ids surely before every unseen one already reach top_p
+    if s.min_p > 0.0:
+        ratio = np.exp(lp - lp[0])
+        verdict = np.where(ratio >= s.min_p * (1.0 + _TOP_TOL), _IN,
+                           np.where(ratio < s.min_p * (1.0 - _TOP_TOL), _OUT, _MAYBE))
+        known = np.minimum(known, verdict)
+        if u < s.min_p * (1.0 - _TOP_TOL) * p[0]:
+            unseen = _OUT
+    surely = np.flatnonzero(known == _IN)
+    if surely.size == 0:
+        return None
+    g = gumbel_noise(seed, position, n_vocab)
+    score = lp + s.temperature * g[ids]
+    w = int(surely[np.argmax(score[surely])])
+    rival = -np.inf
+    undecided = np.flatnonzero(known == _MAYBE)
+    if undecided.size:
+        rival = float(score[undecided].max())
+    if unseen != _OUT:
+        g[ids] = -np.inf
+        rival = max(rival, lu + s.temperature * float(g.max()))
+    if not score[w] > rival + 1e-9:
+        return None
+    return int(ids[w])
+
+
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     """The sampling options of every command that generates (the agent, the plain reference)."""
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

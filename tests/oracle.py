@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 
 from shared.chat import ChatTemplateError
+from verifier_server.acceptance import RowKind
 from verifier_server.cost_curve import CostCurve, LoadModel
 from verifier_server.runner import RoundOutcome
 
@@ -45,6 +46,7 @@ class OracleRunner:
     sequence_slots = 4
     max_context_tokens = 4096
     max_parked_bytes = 0
+    row_kinds = frozenset({RowKind.TOP, RowKind.FULL})  # dense rows
 
     def __init__(self, continuation: str) -> None:
         self.tokenizer = ByteTokenizer()

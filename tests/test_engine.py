@@ -8,20 +8,24 @@ import asyncio
 import subprocess
 import sys
 
+import httpx
+import numpy as np
 import pytest
 
-from shared.protocol import SessionCreate, VerifyRequest
-from verifier_server.engine import Conflict, Engine, EngineConfig, NotFound
+from shared.protocol import Proposal, SessionCreate, VerifyRequest
+from verifier_server.acceptance import RowKind, TopRow, Uncertified
+from verifier_server.app import create_app
+from verifier_server.engine import Conflict, Engine, EngineConfig, EngineError, NotFound
 from verifier_server.runner import RunnerError
 
 from conftest import ROOT
 from oracle import PROMPT, OracleRunner, settle
 
 
-def run(continuation: str, scenario, **config):
+def run(continuation: str, scenario, runner_type=OracleRunner, **config):
     """Run ``scenario(engine, runner)`` on a fresh event loop."""
     async def main():
-        runner = OracleRunner(continuation)
+        runner = runner_type(continuation)
         engine = Engine(runner, EngineConfig(**config))
         return await scenario(engine, runner)
 
@@ -275,3 +279,95 @@ def test_the_engine_the_app_and_the_protocol_import_without_llama_cpp():
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+class _OnTopRows:
+    """``rule`` applied to the top-``k`` rows cut from the dense ones, as an engine that gives
+    top-K rows does: and, where they cannot settle the round, to the dense rows."""
+
+    def __init__(self, rule, k: int, runner: TopRowsOracle) -> None:
+        self.rule, self.k, self.runner = rule, k, runner
+        self.name, self.needs = rule.name, rule.needs
+
+    def accept(self, candidates, rows):
+        top = []
+        for x in rows:
+            lp = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum())
+            ids = np.lexsort((np.arange(x.size), -lp))[: self.k]
+            top.append(TopRow(ids, lp[ids], x.size))
+        try:
+            return self.rule.accept(candidates, top)
+        except Uncertified:
+            self.runner.full_rounds += 1
+            return self.rule.accept(candidates, rows)
+
+
+class TopRowsOracle(OracleRunner):
+    """The oracle as an engine that serves top-K rows only (full rows only as a fallback)."""
+
+    name = "top-rows"
+    row_kinds = frozenset({RowKind.TOP})
+
+    def __init__(self, continuation: str) -> None:
+        super().__init__(continuation)
+        self.full_rounds = 0
+
+    async def verify(self, key, ids, candidates, rule):
+        return await super().verify(key, ids, candidates, _OnTopRows(rule, 4, self))
+
+
+def test_capabilities_follow_the_rows_the_runner_serves():
+    full = Engine(OracleRunner("abc")).info().capabilities
+    top = Engine(TopRowsOracle("abc")).info().capabilities
+    assert {"greedy", "sample-slem", "sample-tli"} <= set(full)
+    assert "greedy" in top and "sample-slem" in top and "sample-tli" not in top
+    assert [c for c in full if not c.startswith(("greedy", "sample-"))] == [c for c in top if not c.startswith(("greedy", "sample-"))]
+
+
+def test_a_tli_round_on_an_engine_of_top_rows_is_refused_with_400_naming_the_rule():
+    async def scenario(engine, runner):
+        app = create_app(engine)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://verifier") as c:
+            info = (await c.get("/v1/info")).json()
+            created = await c.post("/v1/sessions", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0,
+                                                         "seed": 5})
+            sid = created.json()["session_id"]
+            body = VerifyRequest(round=1, draft=b"T", draft_ids=[ord("T")],
+                                 proposals=[Proposal(ids=[ord("T")], probs=[1.0])]).model_dump(mode="json")
+            refused = await c.post(f"/v1/sessions/{sid}/verify", json=body)
+        return info, created.status_code, refused
+
+    info, created, refused = run("The cat.", scenario, TopRowsOracle)
+    assert "sample-tli" not in info["capabilities"] and created == 201
+    assert refused.status_code == 400, refused.text
+    assert "'sample-tli'" in refused.text and "top-K rows only" in refused.text and "--full-rows" in refused.text
+
+
+def test_slem_sessions_commit_the_same_ids_from_top_rows_as_from_full_rows():
+    """Seeded sampling over the oracle's rows (one-hot logits sampled at temperature 1: every byte
+    is possible), with plain drafts: top-K rows, and full rows where they cannot settle a round,
+    commit exactly the ids full rows do."""
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=24, temperature=1.0, seed=5))).session_id
+        answers = await generate(engine, sid, [b"The", b" cat"])
+        return [t for a in answers for t in a.ids], getattr(runner, "full_rounds", None)
+
+    full, _ = run("The cat sat on the mat.", scenario)
+    top, fallbacks = run("The cat sat on the mat.", scenario, TopRowsOracle)
+    assert top == full and len(full) == 24
+    assert fallbacks  # such flat rows mostly defeat the certificate: the fallback path ran
+
+
+def test_greedy_rounds_settle_from_top_rows_and_tli_rules_are_refused_in_the_engine():
+    async def scenario(engine, runner):
+        sid = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=64))).session_id
+        answers = await generate(engine, sid, [b"The c", b"at ", b"zzz"])
+        sampled = (await engine.create(SessionCreate(prompt=PROMPT, max_tokens=8, temperature=0.7))).session_id
+        with pytest.raises(EngineError, match="rule 'sample-tli' needs full-vocabulary rows") as refused:
+            await engine.verify(sampled, VerifyRequest(round=1, draft=b"T", draft_ids=[ord("T")],
+                                                       proposals=[Proposal(ids=[ord("T")], probs=[1.0])]))
+        return answers, runner.full_rounds, refused.value.status
+
+    answers, full_rounds, status = run("The cat sat.", scenario, TopRowsOracle)
+    assert b"".join(a.text for a in answers) == b"The cat sat."
+    assert answers[0].accepted_tokens == 5 and full_rounds == 0 and status == 400

@@ -30,7 +30,7 @@ from shared.protocol import (
 )
 from shared.sampling import Sampling
 from shared.utf8 import common_prefix_len, complete_prefix_len
-from verifier_server.acceptance import GREEDY, AcceptanceRule, SlemSample, TliSample
+from verifier_server.acceptance import GREEDY, AcceptanceRule, Greedy, RowKind, SlemSample, TliSample
 from verifier_server.auth import ANONYMOUS
 from verifier_server.draft_hint import recommend
 from verifier_server.quantiles import DurationHistogram
@@ -46,6 +46,19 @@ def _vocabulary(tok: TargetTokenizer) -> Vocabulary:
     for p in pieces:
         digest.update(len(p).to_bytes(2, "little") + p)
     return Vocabulary(hash=digest.hexdigest()[:32], pieces=pieces)
+
+
+# The acceptance rules a session can ask for, by the capability /v1/info names them with.
+RULES: dict[str, type[Greedy] | type[SlemSample] | type[TliSample]] = {
+    Greedy.name: Greedy, SlemSample.name: SlemSample, TliSample.name: TliSample,
+}
+_ROW_KINDS = {RowKind.TOP: "top-K rows", RowKind.FULL: "full-vocabulary rows"}
+
+
+def serves(row_kinds: frozenset[RowKind], needs: RowKind) -> bool:
+    """Whether a runner serving ``row_kinds`` in every round can run a rule that ``needs`` this kind
+    (full rows settle every rule)."""
+    return needs in row_kinds or RowKind.FULL in row_kinds
 
 
 class EngineError(Exception):
@@ -150,8 +163,8 @@ class Engine:
             n_vocab=tok.n_vocab,
             tokenizer=tok.kind,
             chat_template=tok.chat_template is not None,
-            capabilities=["greedy", "sample-slem", "sample-tli", "chat", "stop", "resume", "draft-hint", "idempotent-create",
-                          "chained-rounds"],
+            capabilities=[name for name, rule in RULES.items() if serves(self.runner.row_kinds, rule.needs)]
+            + ["chat", "stop", "resume", "draft-hint", "idempotent-create", "chained-rounds"],
             limits=Limits(
                 max_draft_bytes=self.config.max_draft_bytes,
                 max_draft_tokens=self.config.max_draft_tokens,
@@ -252,6 +265,7 @@ class Engine:
                 f"({self.config.max_draft_tokens}) exceed the context of {self.runner.max_context_tokens} tokens"
             )
         sampling = Sampling.of(req)
+        self._check_rule(Greedy if sampling.greedy else SlemSample)
         s = Session(
             id=self.session_prefix + uuid.uuid4().hex,
             owner=device,
@@ -385,6 +399,16 @@ class Engine:
         for listener in self.round_listeners:
             listener(rec)
 
+    def _check_rule(self, rule: type[Greedy] | type[SlemSample] | type[TliSample]) -> None:
+        """Refuse (400) a rule this engine's runner cannot run, saying why."""
+        kinds = self.runner.row_kinds
+        if serves(kinds, rule.needs):
+            return
+        served = " and ".join(_ROW_KINDS[k] for k in RowKind if k in kinds) or "no rows"
+        hint = ": use SLEM sampling or a verifier started with --full-rows" if rule.needs is RowKind.FULL else ""
+        raise EngineError(f"this verifier's engine ({self.runner.name}) serves {served} only; rule "
+                          f"'{rule.name}' needs {_ROW_KINDS[rule.needs]}{hint}")
+
     @staticmethod
     def _rule(s: Session) -> AcceptanceRule:
         """The round's acceptance rule: greedy, or seeded sampling from the round's position."""
@@ -399,6 +423,7 @@ class Engine:
         assert req.draft_ids is not None and req.proposals is not None
         if s.sampling.greedy:
             raise EngineError("a TLI round needs a sampled session (temperature > 0)")
+        self._check_rule(TliSample)
         tok = self.runner.tokenizer
         bad = [t for q in req.proposals for t in q.ids if not 0 <= t < tok.n_vocab]
         if bad:

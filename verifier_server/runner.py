@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from shared.alignment import Tokenizer
 from shared.protocol import ChatMessage
-from verifier_server.acceptance import AcceptanceRule
+from verifier_server.acceptance import AcceptanceRule, RowKind
 from verifier_server.cost_curve import PassRecord, RoundCost
 
 
@@ -52,6 +52,9 @@ class Runner(Protocol):
     sequence_slots: int  # sessions whose state is held for immediate verification
     max_context_tokens: int  # per session: prompt + generated + draft
     max_parked_bytes: int  # host memory for the state of sessions moved out of a slot (0: none)
+    # The row kinds it serves in every round: a rule runs here when its ``needs`` is among them
+    # (a runner of dense rows serves both). The engine advertises and admits rules by it.
+    row_kinds: frozenset[RowKind]
 
     @property
     def tokenizer(self) -> TargetTokenizer: ...

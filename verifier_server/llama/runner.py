@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from shared.utf8 import common_prefix_len
-from verifier_server.acceptance import Acceptance, AcceptanceRule
+from verifier_server.acceptance import Acceptance, AcceptanceRule, RowKind
 from verifier_server.cost_curve import CostCurve, LoadModel, PassRecord, RoundCost
 from verifier_server.llama.calibration import measure_cost_curve
 from verifier_server.llama.forward import ForwardBackend
@@ -39,6 +39,7 @@ def _held_prefix(held: list[int], tokens: list[int]) -> int:
 
 class LlamaRunner:
     name = "llama.cpp"
+    row_kinds = frozenset({RowKind.TOP, RowKind.FULL})  # dense rows serve every rule
 
     def __init__(
         self,
