@@ -7,11 +7,13 @@ capacity ratio (plain over speculative cost per token) and a GPU-modeled one. Th
 quick run (about 10 minutes on two cores); ``--full`` runs the whole grid. ``sled-bench soak``
 runs hundreds of simulated devices against one verifier for a long time (bench/soak.py);
 ``sled-bench strategies`` compares the device's drafting strategies over network delays
-(bench/strategies.py).
+(bench/strategies.py). ``--engines llama.cpp vllm`` runs every measurement on both verifier
+engines (vLLM from its own environment, ``.venv-vllm``), side by side in one report.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -22,9 +24,9 @@ from typing import Any
 from bench import report
 from bench.gpu_model import GpuModel
 from bench.metrics import capacity, record
-from bench.procs import BenchError, CorePlan, plan_cores
+from bench.procs import ENGINES, LLAMA_CPP, VLLM_CPU_OPTIONS, VLLM_PYTHON, BenchError, CorePlan, Engine, plan_cores
 from bench.runner import MODES, Measurement, RunConfig, Settings, run
-from bench.target import TargetProfile, profile
+from bench.target import TargetProfile, profile, vllm_references
 from bench.workload import DEFAULT_WORKLOAD, Prompt, load
 from edge_agent.agent import DEFAULT_DRAFT_TOKENS
 from shared.models import ModelError, resolve
@@ -56,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampling", choices=("slem", "tli"), default="slem", help="how sampled sessions draft")
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="prompts, one JSON object a line")
     ap.add_argument("--kind", choices=("code", "chat"), help="only raw code prompts, or only chats")
+    ap.add_argument("--engines", nargs="+", choices=ENGINES, default=["llama.cpp"],
+                    help="verifier engines, each measured at every pair, mode and N (vllm: a converted target)")
+    ap.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="the vLLM environment's interpreter")
+    ap.add_argument("--vllm-options", default=shlex.join(VLLM_CPU_OPTIONS),
+                    help="extra sled-verifier serve options of the vLLM verifier (default: a CPU build's)")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--chart", type=Path, help="PNG chart (default: next to --json)")
     return ap
@@ -80,23 +87,35 @@ class _Grid:
     """
 
     def __init__(
-        self, pairs: list[str], ns: list[int], modes: list[str], settings: Settings, cores: CorePlan
+        self, pairs: list[str], ns: list[int], modes: list[str], settings: Settings, cores: CorePlan,
+        engines: list[Engine] | None = None,
     ) -> None:
         self.ns, self.modes, self.settings, self.cores = ns, modes, settings, cores
+        self.engines = engines or [LLAMA_CPP]
         self.pairs = {p: _split_pair(p) for p in pairs}  # "drafter->target" -> (drafter, target)
         self.targets = list(dict.fromkeys(target for _, target in self.pairs.values()))
         drafter_modes = [m for m in modes if m != "plain"]
-        self.total = len(ns) * (len(pairs) * len(drafter_modes) + len(self.targets) * ("plain" in modes))
+        self.total = len(self.engines) * len(ns) * (len(pairs) * len(drafter_modes) + len(self.targets) * ("plain" in modes))
         self.done = 0
 
-    def _run(self, target: str, drafter: str, mode: str, n: int) -> Measurement:
-        config = RunConfig(target, drafter, mode, n, self.settings)
+    def _run(self, target: str, drafter: str, mode: str, n: int, engine: Engine) -> Measurement:
+        config = RunConfig(target, drafter, mode, n, self.settings, engine)
         t0 = time.perf_counter()
         m = run(config, self.cores)
         self.done += 1
         who = target if mode == "plain" else f"{drafter}->{target}"
-        _log(f"[{self.done}/{self.total}] {who} {mode} N={n}: {time.perf_counter() - t0:.0f} s")
+        _log(f"[{self.done}/{self.total}] {who} {mode} N={n} ({engine.name}): {time.perf_counter() - t0:.0f} s")
         return m
+
+    def _profile(self, prof: TargetProfile, engine: Engine) -> TargetProfile:
+        """``prof`` with the references of ``engine``: vLLM's float weights decode on their own."""
+        if engine.name == "llama.cpp":
+            return prof
+        t0 = time.perf_counter()
+        s = self.settings
+        refs = vllm_references(prof, list(s.prompts), s.max_tokens, self.cores.verifier, engine, Sampling(s.temperature))
+        _log(f"{prof.name}: vLLM references in {time.perf_counter() - t0:.0f} s")
+        return dataclasses.replace(prof, references=refs)
 
     def records(self, gpu: GpuModel) -> tuple[list[dict], list[TargetProfile]]:
         records, profiles = [], []
@@ -106,16 +125,21 @@ class _Grid:
                            Sampling(self.settings.temperature))
             profiles.append(prof)
             _log(f"{target}: references and cost curve in {time.perf_counter() - t0:.0f} s")
-            for n in self.ns:
-                plain = self._run(target, "none", "plain", n) if "plain" in self.modes else None
-                for pair, (drafter, pair_target) in self.pairs.items():
-                    if pair_target != target:
-                        continue
-                    for mode in self.modes:
-                        m = plain if plain is not None and mode == "plain" else self._run(target, drafter, mode, n)
-                        records.append(record(pair, m, prof, gpu))
+            for engine in self.engines:
+                engine_prof = self._profile(prof, engine)
+                for n in self.ns:
+                    plain = self._run(target, "none", "plain", n, engine) if "plain" in self.modes else None
+                    for pair, (drafter, pair_target) in self.pairs.items():
+                        if pair_target != target:
+                            continue
+                        for mode in self.modes:
+                            m = (plain if plain is not None and mode == "plain"
+                                 else self._run(target, drafter, mode, n, engine))
+                            records.append(record(pair, m, engine_prof, gpu))
         order = {p: i for i, p in enumerate(self.pairs)}
-        records.sort(key=lambda r: (order[r["pair"]], r["n_devices"], MODES.index(r["mode"])))
+        engines = [e.name for e in self.engines]
+        records.sort(key=lambda r: (order[r["pair"]], r["n_devices"], engines.index(r["engine"]),
+                                    MODES.index(r["mode"])))
         return records, profiles
 
 
@@ -135,7 +159,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     _log(cores.describe())
     settings = Settings(prompts, max_tokens, args.draft_tokens, args.network_delay_ms, args.temperature, args.sampling)
     gpu = GpuModel()
-    records, profiles = _Grid(pairs, ns, args.modes, settings, cores).records(gpu)
+    engines = [LLAMA_CPP if name == "llama.cpp" else Engine(name, args.vllm_python, tuple(shlex.split(args.vllm_options)))
+               for name in dict.fromkeys(args.engines)]
+    records, profiles = _Grid(pairs, ns, args.modes, settings, cores, engines).records(gpu)
     caps = capacity(records)
     print(report.table(records, caps))
     document = {
@@ -152,6 +178,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             "network_delay_ms": args.network_delay_ms,
             "temperature": args.temperature,
             "sampling": args.sampling,
+            "engines": [{"name": e.name, "python": e.python, "options": list(e.options)} for e in engines],
         },
         "records": records,
         "capacity": caps,

@@ -12,6 +12,8 @@ from bench.lossless import Tally
 from bench.runner import Measurement
 from bench.target import TargetProfile
 
+VLLM_COUNTERS = ("cached_tokens", "rounds_read_cache", "cache_resends", "uncertified_rounds", "full_row_rounds")
+
 
 def _ratio(num: float | None, den: float | None) -> float | None:
     """``num / den``, or None where either side is missing or the denominator is zero."""
@@ -47,9 +49,11 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
     for line in lines if per_seed else []:
         tally.add(line["id"], line["ids"], target.references[line["id"]])
     st = m.stats
+    batch_sizes = st.get("batch_sizes")  # llama.cpp's passes; vLLM's steps run out of the verifier's sight
     p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
     return {
         "pair": pair,
+        "engine": m.config.engine.name,
         "mode": m.config.mode,
         "temperature": settings.temperature,
         "sampling": "greedy" if settings.temperature == 0 else settings.sampling,
@@ -59,9 +63,9 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         "wall_s": round(m.wall_s, 3),
         "verifier_cpu_s": round(m.verifier_cpu_s, 3),
         "verifier_cpu_s_per_token": _ratio(m.verifier_cpu_s, committed),
-        "forward_passes": st["forward_passes"],
+        "forward_passes": st.get("forward_passes"),
         "positions": st["positions"],
-        "forward_passes_per_token": _ratio(st["forward_passes"], committed),
+        "forward_passes_per_token": _ratio(st.get("forward_passes"), committed),
         "positions_per_token": _ratio(st["positions"], committed),
         "rounds": rounds,
         "tokens_per_round": _ratio(committed, rounds),
@@ -79,8 +83,12 @@ def record(pair: str, m: Measurement, target: TargetProfile, gpu: GpuModel) -> d
         "tli_coverage": _mean([line["summary"]["tli_coverage"] for line in lines if line["summary"]["tli_coverage"] is not None]),
         "acceptance_rule_ms_p50": st["acceptance_rule_ms"]["p50"],
         "acceptance_rule_ms_p95": st["acceptance_rule_ms"]["p95"],
-        "batch_sizes": st["batch_sizes"],
-        "modeled_gpu_s_per_token": _ratio(gpu.replay_s(st["batch_sizes"], target.n_params), committed),
+        "batch_sizes": batch_sizes,
+        "modeled_gpu_s_per_token": _ratio(gpu.replay_s(batch_sizes, target.n_params), committed) if batch_sizes else None,
+        "drafts": m.acceptance.get("drafts"),
+        "accepted_per_position": m.acceptance.get("accepted_per_position"),
+        # the vLLM runner's prefix-cache counters (absent on llama.cpp): see bench/README.md
+        **{key: st.get(key) for key in VLLM_COUNTERS},
     }
 
 
@@ -92,15 +100,21 @@ def capacity(records: list[dict]) -> list[dict]:
     fixed mode, because the speculative hint tunes draft lengths to this CPU's cost curve, which is
     not the modeled GPU's.
     """
-    by_key = {(r["pair"], r["n_devices"], r["mode"]): r for r in records}
+    by_key = {(_engine(r), r["pair"], r["n_devices"], r["mode"]): r for r in records}
     out = []
-    for pair, n in dict.fromkeys((r["pair"], r["n_devices"]) for r in records):
-        plain, spec, fixed = (by_key.get((pair, n, mode)) for mode in ("plain", "speculative", "fixed"))
-        cpu, gpu = "verifier_cpu_s_per_token", "modeled_gpu_s_per_token"
+    for engine, pair, n in dict.fromkeys((_engine(r), r["pair"], r["n_devices"]) for r in records):
+        plain, spec, fixed = (by_key.get((engine, pair, n, mode)) for mode in ("plain", "speculative", "fixed"))
+        cpu, gpu, tps = "verifier_cpu_s_per_token", "modeled_gpu_s_per_token", "tokens_per_s_total"
         out.append({
             "pair": pair,
+            "engine": engine,
             "n_devices": n,
             "capacity_ratio": _ratio(_get(plain, cpu), _get(spec, cpu)),
+            "throughput_ratio": _ratio(_get(spec, tps), _get(plain, tps)),
             "modeled_capacity_ratio": _ratio(_get(plain, gpu), _get(fixed, gpu)),
         })
     return out
+
+
+def _engine(r: dict) -> str:
+    return r.get("engine", "llama.cpp")  # records written before the vLLM engine had none

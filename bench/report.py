@@ -44,6 +44,7 @@ def _lossless(r: dict) -> str:
 # (header, width, cell): the record table's columns; lossless is identical+near-tie/total.
 _COLUMNS = (
     ("pair", -40, lambda r: r["pair"]),
+    ("engine", -9, lambda r: r.get("engine", "llama.cpp")),
     ("mode", -11, lambda r: r["mode"]),
     ("N", 2, lambda r: str(r["n_devices"])),
     ("cpu s/tok", 9, lambda r: _fmt(r["verifier_cpu_s_per_token"], 4)),
@@ -69,12 +70,21 @@ def _row(cells: list[str]) -> str:
 def table(records: list[dict], capacity: list[dict]) -> str:
     head = _row([h for h, _, _ in _COLUMNS])
     rows = [head, "-" * len(head)] + [_row([cell(r) for _, _, cell in _COLUMNS]) for r in records]
-    rows += ["", f"{'pair':40} {'N':>2} {'capacity ratio':>14} {MODELED + ' ratio':>18}"]
+    rows += ["", f"{'pair':40} {'engine':9} {'N':>2} {'capacity ratio':>14} {'tok/s ratio':>11} "
+                 f"{MODELED + ' ratio':>18}"]
     for c in capacity:
         rows.append(
-            f"{c['pair']:40} {c['n_devices']:>2} {_fmt(c['capacity_ratio'], 2):>14} "
-            f"{_fmt(c['modeled_capacity_ratio'], 2):>18}"
+            f"{c['pair']:40} {c.get('engine', 'llama.cpp'):9} {c['n_devices']:>2} {_fmt(c['capacity_ratio'], 2):>14} "
+            f"{_fmt(c.get('throughput_ratio'), 2):>11} {_fmt(c['modeled_capacity_ratio'], 2):>18}"
         )
+    cached = [r for r in records if r.get("cached_tokens") is not None]
+    if cached:  # the vLLM runner's prefix-cache counters
+        rows += ["", f"{'pair':40} {'mode':11} {'N':>2} {'rounds':>6} {'computed':>8} {'cached':>8} "
+                     f"{'read cache':>10} {'resends':>7} {'uncert.':>7} {'full rows':>9}"]
+        for r in cached:
+            rows.append(f"{r['pair']:40} {r['mode']:11} {r['n_devices']:>2} {r['rounds']:>6} {r['positions']:>8} "
+                        f"{r['cached_tokens']:>8} {r['rounds_read_cache']:>10} {r['cache_resends']:>7} "
+                        f"{r['uncertified_rounds']:>7} {r['full_row_rounds']:>9}")
     for r in records:
         for f in r["lossless_failures"]:
             rows.append(f"LOSSLESS FAILURE {r['pair']} {r['mode']} N={r['n_devices']}: {f}")
@@ -93,6 +103,9 @@ def chart(path: Path, records: list[dict], capacity: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # a line per pair and engine: vLLM's are labelled "PAIR (vllm)"
+    capacity = [{**c, "pair": _label(c)} for c in capacity]
+    records = [{**r, "pair": _label(r)} for r in records]
     pairs = list(dict.fromkeys(c["pair"] for c in capacity))
     colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(pairs)}
     ns = sorted({r["n_devices"] for r in records})
@@ -120,6 +133,11 @@ def chart(path: Path, records: list[dict], capacity: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _label(r: dict) -> str:
+    engine = r.get("engine", "llama.cpp")
+    return r["pair"] if engine == "llama.cpp" else f"{r['pair']} ({engine})"
 
 
 def _line(ax, rows: list[dict], key: str, label: str, color, style: str, marker: str = "o") -> None:

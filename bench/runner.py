@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import BenchError, CorePlan, Device, Verifier
+import httpx
+
+from bench.procs import LLAMA_CPP, BenchError, CorePlan, Device, Engine, Verifier
 from bench.workload import Prompt, share
 
 MODES = ("speculative", "fixed", "plain")
@@ -39,6 +42,7 @@ class RunConfig:
     mode: str
     n_devices: int
     settings: Settings
+    engine: Engine = LLAMA_CPP  # the verifier's
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Measurement:
     wall_s: float
     stats: dict  # GET /v1/stats after the run
     devices: list[list[dict]]  # per device, the worker's per-prompt lines
+    # from /metrics: rounds with a draft, draft tokens, and rounds that accepted position j (0-based)
+    acceptance: dict = field(default_factory=dict)
 
 
 def _worker_args(config: RunConfig, prompts_file: Path, server: str) -> list[str]:
@@ -99,11 +105,37 @@ def run(config: RunConfig, cores: CorePlan) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="sled-bench-") as tmp:
         log_dir = Path(tmp)
         max_tokens = config.settings.max_tokens
-        with Verifier(config.target, config.n_devices, max_tokens, cores.verifier, log_dir) as verifier, \
+        with Verifier(config.target, config.n_devices, max_tokens, cores.verifier, log_dir,
+                      config.engine) as verifier, \
                 devices_ready(config.n_devices, list(config.settings.prompts),
                               lambda f: _worker_args(config, f, verifier.url), cores, log_dir) as devices:
             cpu0, t0 = verifier.cpu_seconds(), time.perf_counter()
             results = release(devices)
             wall = time.perf_counter() - t0
             cpu = verifier.cpu_seconds() - cpu0
-            return Measurement(config, cpu, wall, verifier.stats(), results)
+            return Measurement(config, cpu, wall, verifier.stats(), results, acceptance(verifier.url))
+
+
+_SAMPLE = re.compile(r'^sled:spec_decode_num_(drafts|draft_tokens|accepted_tokens_per_pos)(?:_total)?'
+                     r'(?:\{position="(\d+)"\})? ([0-9.eE+-]+)$')
+
+
+def acceptance(url: str) -> dict:
+    """The run's acceptance lengths from the verifier's ``/metrics``: ``drafts`` (rounds with a
+    draft), ``draft_tokens`` and ``accepted_per_position`` (rounds whose draft was accepted at least
+    up to position j; acceptance is a prefix, so these counts give the distribution of accepted
+    lengths per round: what ``bench/gpu/vllm_capacity.py`` replays)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict = {"drafts": 0, "draft_tokens": 0, "accepted_per_position": []}
+    per_pos: dict[int, int] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name, pos, value = m.group(1), m.group(2), int(float(m.group(3)))
+        if name == "accepted_tokens_per_pos" and pos is not None:
+            per_pos[int(pos)] = value
+        elif name in ("drafts", "draft_tokens"):
+            out[name] = value
+    out["accepted_per_position"] = [per_pos.get(j, 0) for j in range(max(per_pos, default=-1) + 1)]
+    return out
