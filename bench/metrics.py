@@ -21,7 +21,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def _get(rec: dict | None, key: str) -> float | None:
-    return rec[key] if rec is not None else None
+    return rec.get(key) if rec is not None else None
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -75,7 +75,7 @@ SMOKE_CONFIG: dict[str, Any] = {
 # The built-in recording: rounds of k = 10 drafted target tokens and how many the target accepted,
 # as counts of rounds accepted at least up to position j (sled-bench fixed mode, greedy,
 # smollm2-135m -> qwen2.5-coder-0.5b on llama.cpp, bench/README.md "The vLLM engine").
-DEFAULT_ACCEPTANCE = {"draft_tokens_per_round": 10, "drafts": 100,
+DEFAULT_ACCEPTANCE: dict[str, Any] = {"draft_tokens_per_round": 10, "drafts": 100,
                       "accepted_per_position": [62, 47, 38, 32, 27, 23, 20, 17, 15, 13]}
 
 
