@@ -26,6 +26,7 @@ ENGINES = ("llama.cpp", "vllm")
 if TYPE_CHECKING:
     from verifier_server.llama.backend import LlamaBackend
     from verifier_server.runner import Runner
+    from verifier_server.vllm.runner import VllmRunner
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -129,7 +130,7 @@ def _llama_runner(args: argparse.Namespace) -> Runner:
                        max_parked_bytes=args.parked_mb << 20)
 
 
-def vllm_runner(args: argparse.Namespace) -> Runner:
+def vllm_runner(args: argparse.Namespace) -> VllmRunner:
     """vLLM over the converted directory, tokenizing with its GGUF's vocabulary (as llama.cpp does)."""
     from shared.llama_tokenizer import LlamaTokenizer, load_model
     from verifier_server.vllm.convert import model_dir, tokenizer_gguf

@@ -4,14 +4,14 @@ One request per token, each the whole row after the ids so far (vLLM reads the p
 cache and computes the one new position), and the verifier's own draw on it (greedy, or seeded
 sampling exactly as ``shared.sampling`` draws), with the margin of every step; and the
 teacher-forced check of committed ids, one position at a time. ``python -m
-verifier_server.vllm.reference`` answers a file of such jobs as JSON lines with one engine start
-(the tests' oracle, run in the vLLM environment).
+verifier_server.vllm.reference`` answers jobs (JSON lines, from a file or standard input, one at
+a time) with one engine start: the tests' oracle, run in the vLLM environment. Each answer is a
+line ``RESULT {json}`` (vLLM's worker processes may write their own lines to standard output).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,19 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     from verifier_server import cli
 
     ap = argparse.ArgumentParser(prog="python -m verifier_server.vllm.reference", description=__doc__)
-    ap.add_argument("--jobs", type=argparse.FileType(), required=True, help="JSON lines, one job each")
+    ap.add_argument("--jobs", type=argparse.FileType(), default="-", help="JSON lines, one job each (default: stdin)")
     ap.add_argument("serve_options", nargs=argparse.REMAINDER,
                     help="after --: sled-verifier serve options that pick the model and the engine's settings")
     args = ap.parse_args(argv)
     options = cli.serve_args([*args.serve_options[args.serve_options[:1] == ["--"]:], "--engine", "vllm"])
     runner = cli.vllm_runner(options)
     try:
-        for line in args.jobs:
+        print("READY", flush=True)
+        for line in iter(args.jobs.readline, ""):
             if line.strip():
-                print(json.dumps(answer(runner, json.loads(line))), flush=True)
+                print("RESULT", json.dumps(answer(runner, json.loads(line))), flush=True)
     finally:
         runner.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
