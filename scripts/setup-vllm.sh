@@ -12,7 +12,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip --quiet "$@"; }
-if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+has() { "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+if ! has vllm; then
     pip install --upgrade pip
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
         pip install "vllm==${SLED_VLLM_VERSION:-0.32.0}"
@@ -25,7 +26,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
 fi
 # llama-cpp-python comes from pip's wheel cache (scripts/setup.sh compiled it): the target's
 # tokenizer is read from its GGUF, so both engines tokenize alike.
-pip install -e ".[verifier,vllm]"
+if ! has verifier_server || ! has gguf; then
+    pip install -e ".[verifier,vllm]"
+fi
 if [ "$#" -gt 0 ]; then
     for model in "$@"; do
         "$VENV/bin/sled-verifier" models convert "$model"

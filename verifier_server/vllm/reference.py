@@ -15,9 +15,28 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from shared.sampling import GREEDY_SAMPLING, Sampling, draw, scores
+from verifier_server.acceptance import TopRow
 from verifier_server.lossless import Reference
 from verifier_server.vllm.runner import VllmRunner
+
+
+def _greedy_row(row: TopRow) -> np.ndarray:
+    """A greedy step's row from a top-K row: the listed log-probabilities, and for every other id
+    the K-th's (an upper bound: its deficit is at least what this gives). The argmax and the top-2
+    margin are exact; a whole-vocabulary row per step is needed only when sampling."""
+    x = np.full(row.n_vocab, row.logprobs[-1])
+    x[row.ids] = row.logprobs
+    return x
+
+
+def _next_row(runner: VllmRunner, ids: list[int], sampling: Sampling) -> np.ndarray:
+    """The row after ``ids``, as ``shared.sampling`` draws from it."""
+    if sampling.greedy:
+        return _greedy_row(runner.call(runner.next_row(ids, full=False)))
+    return runner.call(runner.next_row(ids, full=True))
 
 
 def plain_reference(runner: VllmRunner, prompt: list[int], max_tokens: int,
@@ -25,8 +44,7 @@ def plain_reference(runner: VllmRunner, prompt: list[int], max_tokens: int,
     ref = Reference()
     ids = list(prompt)
     for position in range(len(prompt), len(prompt) + max_tokens):
-        row = runner.call(runner.next_row(ids, full=True))
-        token, margin = draw(row, sampling, seed, position)
+        token, margin = draw(_next_row(runner, ids, sampling), sampling, seed, position)
         ref.ids.append(token)
         ref.gaps.append(margin)
         if runner.tokenizer.is_eog(token):
@@ -42,8 +60,7 @@ def teacher_forced_deficits(runner: VllmRunner, prompt: list[int], ids: Sequence
     """Per committed id, how far its score trails the one-by-one choice at its position."""
     deficits = []
     for i, token in enumerate(ids):
-        row = runner.call(runner.next_row(list(prompt) + list(ids[:i]), full=True))
-        x = scores(row, sampling, seed, len(prompt) + i)
+        x = scores(_next_row(runner, list(prompt) + list(ids[:i]), sampling), sampling, seed, len(prompt) + i)
         deficits.append(float(x.max() - x[token]))
     return deficits
 

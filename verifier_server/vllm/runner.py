@@ -136,6 +136,7 @@ class VllmRunner:
         llm = getattr(self, "_llm", None)
         if llm is not None:
             self._loop.call_soon_threadsafe(llm.shutdown)
+            self._llm = None  # shut down here, not again by its finalizer at interpreter exit
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
 
