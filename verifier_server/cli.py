@@ -138,8 +138,7 @@ def vllm_runner(args: argparse.Namespace) -> VllmRunner:
 
     if args.replay is not None or args.emulate_pass_ms > 0 or args.gpu_layers:
         raise ValueError("--replay, --emulate-pass-ms and --gpu-layers are llama.cpp's; vLLM uses every GPU it is given")
-    directory = model_dir(args.model)
-    options = options_from_args(args, str(directory))
+    options = options_from_args(args, model_dir=lambda: str(model_dir(args.model)))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per load step and request
     if args.threads is not None:  # a CPU build: vLLM's OpenMP threads, none kept back for itself
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")

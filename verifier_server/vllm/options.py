@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 EXECUTOR_BACKENDS = ("mp", "ray", "uni")
@@ -69,8 +70,9 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
                    help="serve rules that need whole-vocabulary rows every round (TLI): costly on a large vocabulary")
 
 
-def options_from_args(args: argparse.Namespace, model_dir: str) -> VllmOptions:
-    """The engine's options; a bad combination raises ``ValueError`` naming the flag."""
+def options_from_args(args: argparse.Namespace, model_dir: Callable[[], str]) -> VllmOptions:
+    """The engine's options; a bad combination raises ``ValueError`` naming the flag. The flags
+    are checked first, then that vLLM is installed here, then ``model_dir`` finds the model."""
     for flag in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "top_k_rows"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -86,7 +88,7 @@ def options_from_args(args: argparse.Namespace, model_dir: str) -> VllmOptions:
         raise ValueError("--engine vllm needs vLLM in this environment: run scripts/setup-vllm.sh and "
                          "start .venv-vllm/bin/sled-verifier")
     return VllmOptions(
-        model_dir=model_dir,
+        model_dir=model_dir(),
         max_model_len=args.ctx_per_slot,
         max_num_seqs=args.slots,
         dtype=args.dtype,
