@@ -67,7 +67,7 @@ QWEN2_CONFIG: dict[str, Any] = {
 # --smoke: a tiny model of the same family, to check the script on a CPU build of vLLM.
 SMOKE_CONFIG: dict[str, Any] = {
     **QWEN2_CONFIG,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,  # head_dim 64
     "num_key_value_heads": 2, "vocab_size": 4096, "max_window_layers": 2, "torch_dtype": "float32",
     "bos_token_id": 1, "eos_token_id": 2,
 }  # fmt: skip
