@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 EXECUTOR_BACKENDS = ("mp", "ray", "uni")
