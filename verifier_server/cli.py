@@ -145,7 +145,7 @@ def vllm_runner(args: argparse.Namespace) -> VllmRunner:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from verifier_server.vllm.runner import VllmRunner
 
-    tokenizer = LlamaTokenizer(load_model(tokenizer_gguf(Path(options.model_dir)), vocab_only=True))
+    tokenizer = LlamaTokenizer(load_model(tokenizer_gguf(Path(options.model_dir), args.tokenizer), vocab_only=True))
     return VllmRunner(options, tokenizer, args.model, top_k=args.top_k_rows, full_rows=args.full_rows)
 
 

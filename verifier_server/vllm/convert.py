@@ -29,12 +29,17 @@ def converted_dir(name: str) -> Path:
     return hf_cache_dir() / name
 
 
-def tokenizer_gguf(model_dir: Path) -> Path:
-    """The GGUF whose vocabulary tokenizes for a converted directory."""
+def tokenizer_gguf(model_dir: Path, tokenizer: str | None = None) -> Path:
+    """The GGUF whose vocabulary tokenizes for ``model_dir``: ``tokenizer`` (a registry name or a
+    GGUF path: the same model's GGUF, for a directory of one's own), else the one it was
+    converted from. Drafts arrive as bytes that may end inside a UTF-8 character; llama.cpp's
+    tokenizer takes such bytes as they are, which is why the verifier keeps it on vLLM too."""
+    if tokenizer is not None:
+        return resolve(tokenizer)
     marker = model_dir / MARKER
     if not marker.is_file():
-        raise ModelError(f"{model_dir} has no {MARKER}: convert a registry model with "
-                         "`sled-verifier models convert NAME` (the tokenizer is read from its GGUF)")
+        raise ModelError(f"{model_dir} has no {MARKER}: give --tokenizer with the same model's GGUF, or "
+                         "convert a registry model with `sled-verifier models convert NAME`")
     return resolve(json.loads(marker.read_text())["gguf"])
 
 

@@ -64,6 +64,8 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size, overriding --gpu-memory-utilization")
     g.add_argument("--block-size", type=int, default=32, help="KV block tokens: prefix-cache hits come in whole blocks")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs or torch.compile (starts faster)")
+    g.add_argument("--tokenizer", metavar="NAME_OR_GGUF",
+                   help="for a directory not converted here: the same model's GGUF, whose vocabulary the verifier tokenizes with")
     g.add_argument("--top-k-rows", type=int, default=20,
                    help="log-probabilities per position a round reads (greedy needs 2; SLEM certifies from them)")
     g.add_argument("--full-rows", action="store_true",
