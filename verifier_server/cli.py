@@ -133,7 +133,7 @@ def _llama_runner(args: argparse.Namespace) -> Runner:
 def vllm_runner(args: argparse.Namespace) -> VllmRunner:
     """vLLM over the converted directory, tokenizing with its GGUF's vocabulary (as llama.cpp does)."""
     from shared.llama_tokenizer import LlamaTokenizer, load_model
-    from verifier_server.vllm.convert import model_dir, tokenizer_gguf
+    from verifier_server.vllm.convert import check_vocabulary, model_dir, tokenizer_gguf
     from verifier_server.vllm.options import options_from_args
 
     if args.replay is not None or args.emulate_pass_ms > 0 or args.gpu_layers:
@@ -146,6 +146,7 @@ def vllm_runner(args: argparse.Namespace) -> VllmRunner:
     from verifier_server.vllm.runner import VllmRunner
 
     tokenizer = LlamaTokenizer(load_model(tokenizer_gguf(Path(options.model_dir), args.tokenizer), vocab_only=True))
+    check_vocabulary(Path(options.model_dir), tokenizer.n_vocab)
     return VllmRunner(options, tokenizer, args.model, top_k=args.top_k_rows, full_rows=args.full_rows)
 
 

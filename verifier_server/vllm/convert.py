@@ -43,6 +43,15 @@ def tokenizer_gguf(model_dir: Path, tokenizer: str | None = None) -> Path:
     return resolve(json.loads(marker.read_text())["gguf"])
 
 
+def check_vocabulary(model_dir: Path, n_vocab: int) -> None:
+    """The model's output rows must index the tokenizer's ids one for one."""
+    config = model_dir / "config.json"
+    size = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    if size is not None and size != n_vocab:
+        raise ModelError(f"{model_dir}: the model scores {size} ids but the tokenizer has {n_vocab}: "
+                         "give --tokenizer the GGUF of this same model")
+
+
 def model_dir(name_or_dir: str) -> Path:
     """The HF directory for ``--engine vllm --model``: a converted registry model or a directory."""
     path = Path(name_or_dir).expanduser()
