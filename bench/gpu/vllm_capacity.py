@@ -8,7 +8,7 @@ the weights' values. It needs a CUDA build of vLLM already installed there.
 Random weights make the model's own acceptance meaningless, so recorded acceptance drives the
 speculative rounds: the distribution of accepted lengths per round that a real run measured
 (``sled-bench --json``: a record's ``drafts`` and ``accepted_per_position``, from the verifier's
-``/metrics``), or the built-in one below. Every stream replays rounds as the vLLM runner
+``/metrics``), or, without one, the assumed distribution below. Every stream replays rounds as the vLLM runner
 (``verifier_server/vllm/runner.py``) sends them: one request per round of the committed ids plus k
 candidates, ``max_tokens=1``, the top-K log-probabilities of the prompt rows and of the generated
 row, over vLLM's prefix cache (a round whose cache hit reaches the rows it needs is sent again
@@ -72,11 +72,11 @@ SMOKE_CONFIG: dict[str, Any] = {
     "bos_token_id": 1, "eos_token_id": 2,
 }  # fmt: skip
 
-# The built-in recording: rounds of k = 10 drafted target tokens and how many the target accepted,
-# as counts of rounds accepted at least up to position j (sled-bench fixed mode, greedy,
-# smollm2-135m -> qwen2.5-coder-0.5b on llama.cpp, bench/README.md "The vLLM engine").
+# The built-in distribution, used without --acceptance: an assumption, not a recording. k = 10 and
+# each position accepted with probability 0.75 given the one before (3.8 committed tokens per
+# round); replay a measured one with --acceptance RESULTS.json (sled-bench writes the counts).
 DEFAULT_ACCEPTANCE: dict[str, Any] = {"draft_tokens_per_round": 10, "drafts": 100,
-                      "accepted_per_position": [62, 47, 38, 32, 27, 23, 20, 17, 15, 13]}
+                                      "accepted_per_position": [75, 56, 42, 32, 24, 18, 13, 10, 8, 6]}
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ async def measure(args: argparse.Namespace) -> dict:
         "model": ("tiny Qwen2 (smoke)" if args.smoke else "Qwen2.5-Coder-1.5B architecture") + ", random weights",
         "dtype": "float32" if args.smoke else "bfloat16", "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens, "top_k_rows": TOP_K,
-        "replay": {"source": args.acceptance or "built-in", "draft_tokens": replay.k, "accepted_weights": replay.weights,
+        "replay": {"source": args.acceptance or "assumed (built in)", "draft_tokens": replay.k, "accepted_weights": replay.weights,
                    "mean_tokens_per_round": round(replay.mean_tokens_per_round(), 3)},
         "rows": rows,
     }  # fmt: skip
