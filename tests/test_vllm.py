@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -102,6 +103,21 @@ class VllmOracle:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (vLLM's engine core and workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _sampling(options: SamplingOptions) -> dict[str, Any]:
@@ -197,14 +213,15 @@ def test_four_devices_at_once_are_lossless_against_vllms_plain_decoding(server, 
     rounds = sum(r.rounds for r, _ in results)
     committed = sum(r.committed_tokens for r, _ in results)
     delta = {k: after[k] - before[k] for k in ("rounds", "positions", "cached_tokens", "rounds_read_cache",
-                                                "cache_resends", "uncertified_rounds", "full_row_rounds")}
+                                                "cache_resends", "uncertified_rounds", "uncertified_rows")}
     LOSSLESS_REPORT.append(
         f"vLLM verifier, {len(cases)} devices at once ({DRAFTER}->{TARGET}, T={temperature}): {counts['identical']} "
         f"identical, {counts['near_tie']} near-tie, {counts['diverged']} diverged (vs vLLM's plain decoding); "
         f"teacher-forced over {forced_total} ids of the others, largest deficit {forced_off:.3f}; "
         f"{committed / max(rounds, 1):.2f} tokens/round; rounds {delta['rounds']}, computed positions "
         f"{delta['positions']}, cache-read positions {delta['cached_tokens']} in {delta['rounds_read_cache']} rounds, "
-        f"resends {delta['cache_resends']}, uncertified SLEM rounds {delta['uncertified_rounds']}")
+        f"resends {delta['cache_resends']}, uncertified SLEM rounds {delta['uncertified_rounds']} "
+        f"({delta['uncertified_rows']} rows fetched whole)")
     assert not failures, failures
     assert all(r.committed_tokens == MAX_TOKENS or r.finish_reason != "length" for r, _ in results)
     # The long prompt's rounds read it from vLLM's prefix cache: later rounds compute their draft only.
@@ -219,9 +236,11 @@ def test_a_killed_replica_loses_nothing(server, oracle, tokenizer):
     killed = threading.Event()
 
     def kill_once(chunk: bytes) -> None:
-        if not killed.is_set():
+        if not killed.is_set():  # the machine dies: the server and vLLM's engine processes with it
             killed.set()
-            doomed.proc.send_signal(signal.SIGKILL)
+            for pid in [doomed.proc.pid, *_descendants(doomed.proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def run(i: int):
         drafter = Drafter(resolve(DRAFTER), n_threads=1) if i % 2 else None

@@ -46,6 +46,23 @@ CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32)
 _FILLER = b"def add(a, b):\n    return a + b\n\n"
 
 
+class _ReadRows:
+    """A round's rows as a rule reads them, noting the last row read: rules read rows in order
+    and stop at the first that settles the round, so when one raises ``Uncertified`` it is that
+    row's certificate that failed, and only that row needs fetching whole."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+        self.last = -1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        self.last = i
+        return self.rows[i]
+
+
 @dataclass(frozen=True)
 class _Scored:
     rows: list[Any]  # TopRow, or a dense np.ndarray for full rows
@@ -79,7 +96,8 @@ class VllmRunner:
             "rounds_read_cache": 0,
             "cache_resends": 0,  # rounds whose cache hit reached the rows they need: sent again
             "full_row_rounds": 0,  # rounds scored with whole-vocabulary rows
-            "uncertified_rounds": 0,  # top-K rows could not settle the draw: scored again, full rows
+            "uncertified_rounds": 0,  # rounds where some row's top K could not settle the draw
+            "uncertified_rows": 0,  # such rows: each fetched again whole
         }
         try:
             self._llm = self.call(self._start(options))
@@ -91,7 +109,7 @@ class VllmRunner:
     # --- the Runner interface -------------------------------------------------------------------
     async def prefill(self, key: str, ids: Sequence[int]) -> None:
         """Put the prompt in the prefix cache, so that the first round computes its draft only."""
-        await self._on_vllm(self._generate(list(ids), None, use_cache=True))
+        await self._on_vllm(self._generate(list(ids), None, use_cache=True, prompt_rows=False))
 
     async def verify(
         self, key: str, ids: Sequence[int], candidates: Sequence[int], rule: AcceptanceRule
@@ -103,15 +121,20 @@ class VllmRunner:
         if full and RowKind.FULL not in self.row_kinds:
             raise RunnerError(f"rule '{rule.name}' needs full-vocabulary rows, which this runner does not serve")
         scored = await self._on_vllm(self._score(tokens, first, full))
-        t0 = time.perf_counter()
-        try:
-            acceptance = await asyncio.to_thread(rule.accept, cands, scored.rows)
-        except Uncertified:
-            self.counters["uncertified_rounds"] += 1
-            scored = await self._on_vllm(self._score(tokens, first, full=True))
+        rows, rule_s, uncertified = _ReadRows(scored.rows), 0.0, 0
+        while True:
             t0 = time.perf_counter()
-            acceptance = await asyncio.to_thread(rule.accept, cands, scored.rows)
-        rule_s = time.perf_counter() - t0
+            try:
+                acceptance = await asyncio.to_thread(rule.accept, cands, rows)
+            except Uncertified:  # that row's top K cannot settle the draw: fetch it whole, go again
+                rule_s += time.perf_counter() - t0
+                uncertified += 1
+                rows.rows[rows.last] = await self._on_vllm(self.next_row(tokens[: first + rows.last], full=True))
+                continue
+            rule_s += time.perf_counter() - t0
+            break
+        self.counters["uncertified_rows"] += uncertified
+        self.counters["uncertified_rounds"] += uncertified > 0
         self._count(len(tokens), scored)
         return RoundOutcome(acceptance.accepted, acceptance.token, scored.queue_s, scored.model_s, rule_s)
 
@@ -164,14 +187,17 @@ class VllmRunner:
 
         return AsyncLLM.from_engine_args(options.engine_args())
 
-    async def _generate(self, tokens: list[int], logprobs: int | None, use_cache: bool) -> Any:
+    async def _generate(self, tokens: list[int], logprobs: int | None, use_cache: bool,
+                        prompt_rows: bool = True) -> Any:
         """One request of ``tokens`` generating one token; ``logprobs``: rows of that many best ids
-        per prompt position and for the generated token (-1: whole rows; None: no rows)."""
+        (-1: whole rows; None: no rows) for the generated token and, with ``prompt_rows``, for
+        every prompt position too (callers never ask that with whole rows: a whole vocabulary per
+        prompt position runs to gigabytes of Python objects on a long prompt)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
-                                prompt_logprobs=logprobs, logprobs=logprobs,
+                                prompt_logprobs=logprobs if prompt_rows else None, logprobs=logprobs,
                                 skip_reading_prefix_cache=not use_cache)
         final = None
         async for out in self._llm.generate(TokensPrompt(prompt_token_ids=tokens), params,
@@ -188,7 +214,7 @@ class VllmRunner:
         batches them; a prompt row of the whole vocabulary would come for every prompt position)."""
         t0 = time.perf_counter()
         if full:
-            outs = await asyncio.gather(*(self._generate(tokens[: i + 1], -1, use_cache=True)
+            outs = await asyncio.gather(*(self._generate(tokens[: i + 1], -1, use_cache=True, prompt_rows=False)
                                           for i in range(first - 1, len(tokens))))
             rows: list[Any] = [_row(out.outputs[0].logprobs, 0, self.tokenizer.n_vocab, -1) for out in outs]
             return _Scored(rows, outs[0].num_cached_tokens or 0, 0.0, time.perf_counter() - t0)
@@ -213,7 +239,7 @@ class VllmRunner:
         """t(B): seconds of a round of B new positions after a cached prefix, for the draft hint."""
         filler = self.tokenizer.encode(_FILLER * 24)
         base = filler[:64]
-        await self._generate(base, self.top_k, use_cache=True)  # warm-up, and the cached prefix
+        await self._generate(base, None, use_cache=True, prompt_rows=False)  # warm-up, and the cached prefix
         points = {}
         for b in CALIBRATION_SIZES:
             t0 = time.perf_counter()
