@@ -34,6 +34,7 @@ from shared.protocol import SamplingOptions
 from verifier_server.llama.reference import plain_reference as llama_reference
 from verifier_server.lossless import NEAR_TIE_GAP, TEACHER_FORCED_MARGIN, Reference, judge
 from verifier_server.process import VerifierProcess
+from verifier_server.vllm.convert import converted_dir
 
 from conftest import LOSSLESS_REPORT, ROOT
 from prompts import RAW
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 
 def _available() -> None:
-    hf = Path.home() / ".cache" / "sled" / "hf" / TARGET
+    hf = converted_dir(TARGET)
     missing = [] if PYTHON.exists() else [str(PYTHON)]
     missing += [] if (hf / "sled.json").exists() else [str(hf)]
     if missing:
