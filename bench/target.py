@@ -81,8 +81,9 @@ def vllm_references(prof: TargetProfile, prompts: list[Prompt], max_tokens: int,
                "--model", prof.name, "--threads", str(len(cores)), *engine.options]
         proc = spawn_env(cmd, log, cores, stdout=subprocess.PIPE)
         out, _ = proc.communicate()
-        # vLLM logs to stdout too: the answers are the JSON lines
-        answers = [json.loads(line) for line in out.decode(errors="replace").splitlines() if line.startswith('{"ids"')]
+        # vLLM's processes write to stdout too: the answers are the lines marked RESULT
+        answers = [json.loads(line.removeprefix("RESULT "))
+                   for line in out.decode(errors="replace").splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or len(answers) != len(prompts):
             raise BenchError(f"the vLLM reference failed (exit {proc.returncode}):\n"
                              f"{log.read_text(errors='replace')[-2000:]}")
