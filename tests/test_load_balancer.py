@@ -31,7 +31,7 @@ from edge_agent.agent import Agent, GenerationResult
 from edge_agent.client import VerifierClient
 from edge_agent.drafter import Drafter
 from shared.models import resolve
-from shared.protocol import SessionCreate
+from shared.protocol import SessionCreate, SessionCreated
 from verifier_server.auth import hash_token, new_token
 from verifier_server.llama.reference import plain_reference
 from verifier_server.lossless import judge
@@ -63,11 +63,6 @@ class Tier:
             threads=1, auth=("--tokens", str(self.tokens_file)), port=self.ports[name],
             log=self.work / f"verifier-{name}.log", startup_timeout_s=180)
         return self.replicas[name]
-
-    def busiest(self) -> str:
-        """The replica holding the most sessions now."""
-        held = {n: httpx.get(f"{r.url}/v1/health", timeout=5).json()["sessions"] for n, r in self.replicas.items()}
-        return max(held, key=lambda n: held[n])
 
 
 @pytest.fixture
@@ -117,16 +112,26 @@ def _check(results: dict[int, list[GenerationResult]], backend, what: str) -> No
 
 def test_a_replica_killed_behind_nginx_loses_nothing(tier, drafters, reference_backend):
     killed = threading.Event()
+    opened: list[str] = []  # agent 0's session ids: each starts with its replica's id
 
-    def kill_busiest(chunk: bytes) -> None:
-        if not killed.is_set():  # the first text of agent 0: kill the replica holding most sessions
+    def kill_its_replica(chunk: bytes) -> None:
+        if not killed.is_set():  # agent 0's first text: kill the replica holding its session, mid-generation
             killed.set()
-            tier.replicas[tier.busiest()].proc.send_signal(signal.SIGKILL)
+            tier.replicas[opened[-1].split(".", 1)[0]].proc.send_signal(signal.SIGKILL)
 
     def run(i: int) -> GenerationResult:
         agent = _agent(tier, i, drafters[i])
+        if i == 0:
+            create = agent.client.create_session
+
+            def recorded(req: SessionCreate) -> SessionCreated:
+                created = create(req)
+                opened.append(created.session_id)
+                return created
+
+            agent.client.create_session = recorded  # type: ignore[method-assign]
         with agent.client:
-            return agent.generate(RAW[i], max_tokens=MAX_TOKENS, on_text=kill_busiest if i == 0 else None)
+            return agent.generate(RAW[i], max_tokens=MAX_TOKENS, on_text=kill_its_replica if i == 0 else None)
 
     with ThreadPoolExecutor(AGENTS) as pool:
         results = dict(enumerate(pool.map(run, range(AGENTS))))
