@@ -189,6 +189,7 @@ is heavier than a real target's (see ``test_certification_on_a_real_targets_rows
     return out
 
 
+@pytest.mark.slow  # a measurement (15 s): the quick loop keeps the property tests
 def test_certification_rate_on_peaked_rows(capsys):
     rates = certified_fraction()
     with capsys.disabled():
