@@ -30,12 +30,18 @@ ARG RUNTIME_IMAGE=${BASE_IMAGE}
 
 FROM ${BASE_IMAGE} AS builder
 ARG CMAKE_ARGS=""
+# A folder of wheels inside the build context (scripts/docker-up.sh makes one, with llama.cpp
+# compiled once on the host for both images): install from it alone, with no network and no
+# compiler. Empty (the default): install from PyPI, compiling llama.cpp here.
+ARG WHEELHOUSE=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Build tools for llama.cpp; Python only where the base lacks it.
+# Build tools for llama.cpp unless a wheelhouse brings it compiled; Python only where the base lacks it.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake git \
+    && if [ -z "$WHEELHOUSE" ]; then \
+           apt-get install -y --no-install-recommends build-essential cmake git; \
+       fi \
     && if ! python3 -c "import ensurepip" 2>/dev/null; then \
            apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
        fi \
@@ -43,7 +49,11 @@ RUN apt-get update \
 RUN python3 -m venv /opt/sled
 WORKDIR /src
 COPY . .
-RUN CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" /opt/sled/bin/pip install --no-cache-dir ".[agent]"
+RUN if [ -n "$WHEELHOUSE" ]; then \
+        /opt/sled/bin/pip install --no-cache-dir --no-index --find-links "$WHEELHOUSE" "sled[agent]"; \
+    else \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" /opt/sled/bin/pip install --no-cache-dir ".[agent]"; \
+    fi
 
 FROM ${RUNTIME_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
