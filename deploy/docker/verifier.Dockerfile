@@ -75,9 +75,10 @@ VOLUME ["/var/cache/sled"]
 USER 10001:10001
 WORKDIR /var/lib/sled
 EXPOSE 8000
+# /readyz: healthy once the model is loaded, unhealthy while draining (compose starts nginx on it).
 # python, not curl (slim images have none); any answer but a 2xx counts as unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 # Devices authenticate with bearer tokens whose hashes are in the fleet file mounted at
 # /etc/sled/fleet.yaml (`--fleet`, or `--tokens FILE`); `sled-verifier tokens new --device ID`.
 ENTRYPOINT ["sled-verifier"]
