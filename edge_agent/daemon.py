@@ -90,6 +90,11 @@ class Metrics:
                                 registry=self.registry)
         self.failovers = Counter("sled_agent_failovers_total", "Sessions moved to another replica",
                                  registry=self.registry)
+        # Behind a load balancer the agent has one address: a lost replica shows as a session the
+        # balancer's next replica does not know, re-created there from its committed ids.
+        self.resumed = Counter("sled_agent_resumed_sessions_total",
+                               "Sessions re-created from their committed ids (their replica lost or draining)",
+                               registry=self.registry)
         self.round_trip = Histogram("sled_agent_round_seconds", "Verify round trip", registry=self.registry,
                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
@@ -99,6 +104,7 @@ class Metrics:
         self.drafted.inc(result.draft_tokens)
         self.accepted.inc(result.accepted_draft_tokens)
         self.failovers.inc(result.failovers)
+        self.resumed.inc(result.resumed)
         for seconds in result.round_latencies_s:
             self.round_trip.observe(seconds)
 
