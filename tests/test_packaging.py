@@ -23,9 +23,9 @@ from verifier_server.cli import _parser as verifier_parser
 from conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
-DOCKERFILES = {"verifier": DEPLOY / "docker" / "verifier.Dockerfile", "agent": DEPLOY / "docker" / "agent.Dockerfile"}
-PARSERS = {"verifier": verifier_parser, "agent": agent_parser}
-ENTRYPOINTS = {"verifier": ["sled-verifier"], "agent": ["sled-agent"]}
+DOCKERFILES = {role: DEPLOY / "docker" / f"{role}.Dockerfile" for role in ("verifier", "verifier-vllm", "agent")}
+PARSERS = {"verifier": verifier_parser, "verifier-vllm": verifier_parser, "agent": agent_parser}
+ENTRYPOINTS = {"verifier": ["sled-verifier"], "verifier-vllm": ["sled-verifier"], "agent": ["sled-agent"]}
 
 # The verifier's Prometheus metrics: the contract between verifier_server and the dashboard.
 COUNTERS = {
