@@ -6,7 +6,8 @@
 #   - the engine: Debian's docker.io and docker-compose installed when missing (as root), dockerd
 #     started when none answers (scripts/docker-down.sh stops only a dockerd this script started);
 #   - the base: the official python:3.11-slim-bookworm when it is present or can be pulled, otherwise
-#     a local Debian bookworm made with debootstrap (--variant=minbase) and `docker import`;
+#     a local Debian bookworm made with debootstrap (--variant=minbase, with Python, libgomp and
+#     nginx-light) and `docker import`; on that base the images build with --network none;
 #   - a wheelhouse (.wheelhouse/, ignored by git): the project and its dependencies as wheels, with
 #     llama-cpp-python compiled once (pip's cache, shared with .venv) for both images, so that the
 #     images install with --no-index and no compiler.
@@ -16,7 +17,9 @@ shopt -s inherit_errexit  # a failure inside $(base) stops the script
 cd "$(dirname "$0")/.."
 TAG=${SLED_IMAGE_TAG:-ci}
 OFFICIAL_BASE=python:3.11-slim-bookworm
-LOCAL_BASE=sled-base:bookworm
+LOCAL_BASE=sled-base:bookworm-1  # bump when its packages change
+# What the images need from Debian, in the local base: the images then build with no network at all.
+BASE_PACKAGES=python3,python3-venv,libgomp1,nginx-light,wget
 MIRROR=${SLED_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 STATE=${XDG_RUNTIME_DIR:-/tmp}/sled-docker
 export DOCKER_BUILDKIT=0  # the classic builder: Debian's engine has no buildx plugin
@@ -62,7 +65,7 @@ base() {
         command -v debootstrap >/dev/null || apt_install debootstrap
         say "$OFFICIAL_BASE cannot be pulled: making $LOCAL_BASE with debootstrap from $MIRROR"
         root=$(mktemp -d)
-        debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$STATE/debootstrap.log" 2>&1 \
+        debootstrap --variant=minbase --include="$BASE_PACKAGES" bookworm "$root" "$MIRROR" >"$STATE/debootstrap.log" 2>&1 \
             || { tail -20 "$STATE/debootstrap.log" >&2; exit 1; }
         # As the official Debian images do: no package files kept after an install.
         rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
@@ -86,8 +89,12 @@ from=$(base)
 rm -rf .wheelhouse
 .venv/bin/pip wheel --quiet --wheel-dir .wheelhouse ".[agent,verifier]" 2>"$STATE/wheel.log" \
     || { tail -20 "$STATE/wheel.log" >&2; exit 1; }
-build sled-verifier deploy/docker/verifier.Dockerfile --build-arg BASE_IMAGE="$from" --build-arg WHEELHOUSE=.wheelhouse
-build sled-agent deploy/docker/agent.Dockerfile --build-arg BASE_IMAGE="$from" --build-arg WHEELHOUSE=.wheelhouse
-build sled-nginx deploy/docker/nginx.Dockerfile --build-arg BASE_IMAGE="$from"
+offline=()
+if [ "$from" = "$LOCAL_BASE" ]; then
+    offline=(--network none)  # everything is in the base and the wheelhouse
+fi
+build sled-verifier deploy/docker/verifier.Dockerfile "${offline[@]}" --build-arg BASE_IMAGE="$from" --build-arg WHEELHOUSE=.wheelhouse
+build sled-agent deploy/docker/agent.Dockerfile "${offline[@]}" --build-arg BASE_IMAGE="$from" --build-arg WHEELHOUSE=.wheelhouse
+build sled-nginx deploy/docker/nginx.Dockerfile "${offline[@]}" --build-arg BASE_IMAGE="$from"
 docker image prune -f >/dev/null  # the builder stages
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep ":$TAG " | sed 's/^/docker-up: image /' >&2

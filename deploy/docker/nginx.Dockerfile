@@ -8,11 +8,13 @@ ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive
-# wget for compose's health check, as in the official image.
+# wget for compose's health check, as in the official image; nothing fetched where the base has both.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends nginx-light wget \
-    && rm -rf /var/lib/apt/lists/* \
+RUN if ! command -v nginx >/dev/null || ! command -v wget >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends nginx-light wget \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
     && rm -f /etc/nginx/sites-enabled/default \
     && ln -sf /dev/stdout /var/log/nginx/access.log \
     && ln -sf /dev/stderr /var/log/nginx/error.log

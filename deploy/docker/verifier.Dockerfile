@@ -30,16 +30,17 @@ ARG CMAKE_ARGS=""
 ARG WHEELHOUSE=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Build tools for llama.cpp unless a wheelhouse brings it compiled; Python only where the base lacks it (the CUDA images do).
+# Build tools for llama.cpp unless a wheelhouse brings it compiled; Python only where the base lacks
+# it (the CUDA images do). A base that has all it needs is not touched: with a wheelhouse, the build needs no network.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && if [ -z "$WHEELHOUSE" ]; then \
-           apt-get install -y --no-install-recommends build-essential cmake git; \
-       fi \
-    && if ! python3 -c "import ensurepip" 2>/dev/null; then \
-           apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
-       fi \
-    && rm -rf /var/lib/apt/lists/*
+RUN set --; \
+    if [ -z "$WHEELHOUSE" ]; then set -- "$@" build-essential cmake git; fi; \
+    if ! python3 -c "import ensurepip" 2>/dev/null; then set -- "$@" python3 python3-venv; fi; \
+    if [ "$#" -gt 0 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends "$@" \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN python3 -m venv /opt/sled
 WORKDIR /src
 COPY . .
@@ -52,14 +53,16 @@ RUN if [ -n "$WHEELHOUSE" ]; then \
 FROM ${RUNTIME_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive
-# libgomp for llama.cpp's threads; Python only where the base lacks it.
+# libgomp for llama.cpp's threads and Python, where the base lacks them.
 # hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
-    && if ! command -v python3 >/dev/null; then \
-           apt-get install -y --no-install-recommends python3; \
-       fi \
-    && rm -rf /var/lib/apt/lists/* \
+RUN set --; \
+    if ! ldconfig -p | grep -q 'libgomp\.so\.1'; then set -- "$@" libgomp1; fi; \
+    if ! command -v python3 >/dev/null; then set -- "$@" python3; fi; \
+    if [ "$#" -gt 0 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends "$@" \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
     && groupadd --system --gid 10001 sled \
     && useradd --system -l --uid 10001 --gid sled --create-home --home-dir /var/lib/sled \
                --shell /usr/sbin/nologin sled \
