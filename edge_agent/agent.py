@@ -419,7 +419,8 @@ class Agent:
                 if self.controller is not None and tli is None:
                     self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
                                             resp.server_s, resp.draft_tokens, draft.ready, len(resp.ids),
-                                            time.perf_counter() - t_start, chained=future is not None)
+                                            time.perf_counter() - t_start, chained=future is not None,
+                                            prefill_s=draft.prefill_s)
                 hint, round_no = resp.draft_hint, round_no + 1
                 held = [c for c in chains if c.follows(resp)]
                 result.stale_rounds += len(chains) - len(held)  # their bets lost

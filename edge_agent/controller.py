@@ -41,10 +41,16 @@ without a draft now and then, and drafts nothing while those measure faster: dra
 the device its plain speed. Rounds that drafted the hint (the warm-up, explorations) are measured
 apart, so that their long drafts do not make the controller's short ones look slow. The warm-up
 opens with a short probe (``PROBE_DRAFT`` tokens), which measures the board and the link for
-little more than a round without a draft costs; where the probe (or a later warm-up round)
-already measures slower than the model predicts for rounds without a draft (a slow drafter next
-to a fast verifier), the warm-up ends there; while rounds without a draft measure faster, the
-explorations come four times less often.
+little more than a round without a draft costs; while the warm-up measures slower than the model
+predicts for rounds without a draft (a slow drafter next to a fast verifier, or an unlucky probe),
+it goes on probing short instead of drafting the hint, and it ends there once ``MIN_SAMPLES``
+rounds say so. No measured rate rules drafting out before ``MIN_SAMPLES`` rounds stand behind it:
+a single probe that was rejected, or that paid the drafter's prefill, is one sample, not a verdict.
+The drafter's prefill (the prompt, or text committed while it did not draft) is kept out of the
+step time and of the drafted rounds' wall time: it is the price of starting, not of a step. While
+rounds without a draft measure faster, the explorations come four times less often, and each
+still drafts (at least a probe), so that drafting keeps being measured at a bounded cost: one
+short draft in every ``EXPLORE_EVERY * PLAIN_BACKOFF`` rounds.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -67,6 +73,7 @@ PROBE_DRAFT = 2  # the first of them drafts this much: before any timing, a long
 PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft: measured rates decide
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
+MIN_SAMPLES = 3  # rounds of a kind measured before their rate may rule drafting out
 
 
 def chained_draft(k: int) -> int:
@@ -86,9 +93,16 @@ class _Throughput:
 
     tokens: float | None = None
     seconds: float | None = None
+    samples: int = 0
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.tokens, self.seconds = _ema(self.tokens, tokens), _ema(self.seconds, seconds)
+        self.samples += 1
+
+    @property
+    def settled(self) -> bool:
+        """Whether enough rounds were measured for the rate to be evidence, not an anecdote."""
+        return self.samples >= MIN_SAMPLES
 
     @property
     def rate(self) -> float | None:
@@ -148,14 +162,17 @@ class DraftController:
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
                 server_s: float, target_tokens: int, ready: int = 0, committed: int = 0,
-                wall_s: float = 0.0, chained: bool = False) -> None:
+                wall_s: float = 0.0, chained: bool = False, prefill_s: float = 0.0) -> None:
         """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
         for (``ready`` of the tokens were drafted ahead, at no cost), ``latency_s`` from sending to
         the answer, ``server_s`` of it in the verifier, which verified ``target_tokens`` candidates;
         ``committed`` target tokens in ``wall_s`` of the device's time, all included. A ``chained``
         round waited in the verifier behind the round before it: its times say nothing of the
-        link's or the verifier's, only its acceptance and throughput count."""
+        link's or the verifier's, only its acceptance and throughput count. ``prefill_s`` of the
+        drafting time was the drafter's catch-up on context: left out of both the step time and
+        the round's wall time."""
+        draft_s, wall_s = max(draft_s - prefill_s, 0.0), max(wall_s - prefill_s, 0.0)
         if wall_s > 0:
             kind = (self.warmup if self.forced else self.drafting) if drafted else self.plain
             kind.observe(committed, wall_s)
@@ -229,14 +246,17 @@ class DraftController:
         self.decisions += 1
         reaches = self.reaches()
         warming = self.step_s is None or self.rtt_s is None or (
-            self.observed < WARMUP_ROUNDS and not self.warmup_loses(reaches))
+            self.observed < WARMUP_ROUNDS and not (self.warmup.settled and self.warmup_loses(reaches)))
         plain_faster = self.plain_measures_faster()
         explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
         self.forced = warming or (explore and not plain_faster)
+        probe = min(limit, PROBE_DRAFT)
         if self.forced:
-            k = min(limit, PROBE_DRAFT) if self.observed == 0 else limit
+            k = probe if self.observed == 0 or self.warmup_loses(reaches) else limit
             return Decision(k, hint, self.expected_tokens(k), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
+        if explore:  # plain measures faster: still a short draft now and then, to keep measuring it
+            best = max(best, probe)
         drafted = self.drafting.rate
         close = best and drafted is not None and drafted < PLAIN_CHECK_GAIN * self.rate(0, limit, reaches)
         if close and not explore and (self.decisions % PLAIN_EVERY == PLAIN_EVERY // 2 or plain_faster):
@@ -252,11 +272,11 @@ class DraftController:
 
     def plain_measures_faster(self) -> bool:
         """Whether rounds without a draft have committed more tokens per second than rounds with
-        (of the controller's length, or before there are any, of the hint's)."""
-        plain, drafted = self.plain.rate, self.drafting.rate
-        if drafted is None:
-            drafted = self.warmup.rate
-        return plain is not None and drafted is not None and plain > drafted
+        (of the controller's length, or before there are ``MIN_SAMPLES`` of them, of the hint's),
+        measured over enough rounds of drafting to say so."""
+        drafted = self.drafting if self.drafting.settled else self.warmup
+        plain = self.plain.rate
+        return plain is not None and drafted.settled and plain > (drafted.rate or 0.0)
 
     def rate(self, k: int, limit: int, reaches: list[float], free_steps: int = 0) -> float:
         """Expected committed tokens per second of drafting ``k`` tokens now (see the module's

@@ -25,6 +25,9 @@ from shared.protocol import ChatMessage
 from shared.utf8 import common_prefix_len
 
 N_BATCH = 512  # tokens per decode: a prompt is evaluated in chunks of this
+# A draft's catch-up beyond this many tokens (the last draft token and the verifier's bonus token,
+# in steady drafting) is prefill: the prompt, or text committed by rounds without a draft.
+STEADY_CATCH_UP = 2
 
 
 class Drafter:
@@ -51,6 +54,10 @@ class Drafter:
         self.held: list[int] = []  # what the KV cache holds, by position
         self._tokens: list[int] = []  # prompt + committed text, in drafter ids
         self._unspelt = b""  # committed text after those, not yet needed in drafter ids
+        # Seconds the last draft spent evaluating context it had not drafted itself (prefill): a
+        # cost of starting or of resuming drafting, not of a draft step, so the controller's step
+        # timing leaves it out (a first draft that pays the prompt's prefill is not a slow board).
+        self.prefill_s = 0.0
 
     @property
     def tokens(self) -> list[int]:
@@ -93,9 +100,12 @@ class Drafter:
         whose KV state is reused), with the drafter's top probability at each when ``stop`` is
         given: the draft ends before the first token that ``stop`` rejects (low confidence)."""
         context = self.tokens + list(after)
+        self.prefill_s = 0.0
         if k <= 0 or not context:
             return [], []
-        self._sync(context)
+        t0 = time.perf_counter()
+        if self._sync(context) > STEADY_CATCH_UP:
+            self.prefill_s = time.perf_counter() - t0
         out: list[int] = []
         confidences: list[float] = []
         for i in range(k):
@@ -120,13 +130,14 @@ class Drafter:
                 self._eval([tok])
         return out, confidences
 
-    def _sync(self, context: list[int]) -> None:
+    def _sync(self, context: list[int]) -> int:
         """Make the KV cache hold ``context``, keeping the longest prefix it already has, and
-        evaluate the rest: at least the last token, whose logits come next."""
+        evaluate the rest: at least the last token, whose logits come next. How many it evaluated."""
         keep = min(common_prefix_len(self.held, context), len(context) - 1)
         llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1)
         del self.held[keep:]
         self._eval(context[keep:])
+        return len(context) - keep
 
     def _eval(self, tokens: Sequence[int]) -> None:
         """Evaluate ``tokens`` after what the KV cache holds; the last one's logits are kept."""

@@ -39,6 +39,7 @@ class Draft:
     source: str = ""  # "gguf" or "ngram": what opened it
     ready: int = 0  # leading tokens drafted ahead, during the previous round
     ngram_tokens: int = 0  # leading tokens from the n-gram table (the rest: the model's extension)
+    prefill_s: float = 0.0  # of the drafting time, the drafter's catch-up on context (not draft steps)
 
     @property
     def text(self) -> bytes:
@@ -90,13 +91,15 @@ class ModelSource:
         # What was drafted ahead beyond this draft stays its continuation: the next look-ahead goes
         # on from it (nothing is left when the draft needs more than was carried).
         self.ahead = carried[len(ready) :]
+        prefill_s = 0.0
         if not stopped and k > len(ids):
             more, more_conf = self.drafter.greedy(k - len(ids), after=ids, stop=stop)
             ids += more
             confidences += more_conf if stop is not None else [1.0] * len(more)
+            prefill_s = self.drafter.prefill_s
         self.sent = list(zip(ids, confidences))
         pieces = [self.drafter.tokenizer.piece(t) for t in ids]
-        return Draft(pieces, confidences, self.name, ready=len(ready))
+        return Draft(pieces, confidences, self.name, ready=len(ready), prefill_s=prefill_s)
 
     def take_sent(self, text: bytes) -> Draft | None:
         """The draft of a chained round, already sent: ``text``, the bytes of the leading tokens
@@ -219,7 +222,8 @@ class HierarchicalSource:
             more, _ = self.model.drafter.greedy(k - len(ids), after=ids) if k > len(ids) else ([], [])
             self.chosen["ngram"] += 1
             self.shadow = []
-            return Draft([tok.piece(t) for t in ids + more], source="ngram", ngram_tokens=len(ids))
+            return Draft([tok.piece(t) for t in ids + more], source="ngram", ngram_tokens=len(ids),
+                         prefill_s=self.model.drafter.prefill_s if more else 0.0)
         self.chosen["gguf"] += 1
         self.shadow = [tok.piece(t) for t in ids]
         return self.model.propose(k, stop)

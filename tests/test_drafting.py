@@ -126,6 +126,62 @@ def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_on
     assert fast == [PROBE_DRAFT] + [10] * 7, fast
 
 
+def _simulate(c: DraftController, rounds: int, accept: float, step_ms: float, rtt_ms: float, server_ms: float,
+              prefill_ms: float, unlucky_first: bool) -> list[int]:
+    """The controller's choices over ``rounds`` rounds of a link and a board: position j of a draft
+    accepted with chance ``accept`` (deterministically: the expected accepted prefix, rounded), the
+    drafter's prefill paid by its first draft (the prompt) and after rounds without a draft (the
+    text they committed: 5 ms a round); ``unlucky_first``: the first draft is rejected outright."""
+    ks, behind = [], 0
+    for _ in range(rounds):
+        k = c.choose(10).k
+        ks.append(k)
+        if k:
+            accepted = 0 if unlucky_first and not any(ks[:-1]) else min(k, round(sum(accept ** (j + 1) for j in range(k))))
+            prefill = (prefill_ms if not any(ks[:-1]) else 5.0 * behind) / 1e3
+            behind = 0
+        else:
+            accepted, prefill = 0, 0.0
+            behind += 1
+        wall = prefill + (k * step_ms + rtt_ms + server_ms) / 1e3
+        c.observe(k, accepted, [0.9] * k, draft_s=prefill + k * step_ms / 1e3, latency_s=(rtt_ms + server_ms) / 1e3,
+                  server_s=server_ms / 1e3, target_tokens=k, committed=accepted + 1, wall_s=wall, prefill_s=prefill)
+    return ks
+
+
+def test_an_unlucky_first_probe_does_not_end_drafting():
+    """The case that made the controller give up (80 ms round trip, a GPU-timed verifier, a fast
+    drafter): the first probe pays the drafter's prompt prefill and is rejected, slower than a
+    round without a draft. One sample is not a verdict: the controller probes again, learns that
+    drafting pays, and drafts from then on."""
+    ks = _simulate(DraftController(cap=10, lookahead=True), 64, accept=0.8, step_ms=8, rtt_ms=80, server_ms=22,
+                   prefill_ms=150, unlucky_first=True)
+    assert ks[0] == PROBE_DRAFT
+    assert sum(k > 0 for k in ks[16:]) >= 44 and sum(ks[16:]) / 48 >= 3, ks
+
+
+def test_a_single_drafted_round_never_rules_drafting_out():
+    c = DraftController(cap=10)
+    c.observe(2, 0, [0.9, 0.9], draft_s=0.2, latency_s=0.1, server_s=0.02, target_tokens=2, committed=1, wall_s=0.3)
+    for _ in range(5):
+        c.observe(0, 0, [], draft_s=0.0, latency_s=0.1, server_s=0.02, target_tokens=0, committed=1, wall_s=0.1)
+    assert not c.plain_measures_faster()  # 1 drafted round against 5 plain ones: no verdict yet
+    for _ in range(2):
+        c.observe(2, 0, [0.9, 0.9], draft_s=0.2, latency_s=0.1, server_s=0.02, target_tokens=2, committed=1,
+                  wall_s=0.3)
+    assert c.plain_measures_faster()  # three of them: now it is evidence
+
+
+def test_explorations_keep_drafting_while_plain_rounds_measure_faster():
+    """A slow board next to a fast verifier: rounds without a draft win, yet every exploration still
+    drafts a short probe, so a link that gets slower later would be noticed."""
+    ks = _simulate(DraftController(cap=10), 200, accept=0.6, step_ms=30, rtt_ms=5, server_ms=20, prefill_ms=100,
+                   unlucky_first=False)
+    late = ks[64:]
+    assert late.count(0) >= len(late) * 0.9  # plain decoding, nearly always
+    assert sum(k > 0 for k in late) > 0 and max(late) <= PROBE_DRAFT  # but probes go on, short and rare
+
+
 def test_the_confidence_threshold_is_learned_from_rejections():
     c = DraftController(cap=8)
     assert c.threshold() == 0.0  # nothing learned: never stop early
