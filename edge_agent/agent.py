@@ -352,10 +352,12 @@ class Agent:
                 future: Future[VerifyResponse] | None = None
                 tli: TliProposer | None = None
                 cap = length.for_hint(hint) if self.follow_hint else self.draft_tokens
+                asked = 0  # drafter tokens the controller asked for (a draft may stop short of them)
                 if chains:
                     chain = chains.popleft()
                     draft, draft_s = self._chained_draft(chain), 0.0
                     future, t_round = chain.future, chain.sent_at
+                    asked = len(draft.pieces)
                 else:
                     k = cap
                     proposer = None
@@ -371,6 +373,7 @@ class Agent:
                     t_draft = time.perf_counter()
                     draft, tli = self._draft(k, proposer, stop_at)
                     draft_s = time.perf_counter() - t_draft
+                    asked = k
                     if proposer is not None:
                         result.tli_mass_inside += proposer.mass_inside
                     t_round = time.perf_counter()
@@ -408,6 +411,10 @@ class Agent:
                 result.rounds += 1
                 result.chained_rounds += future is not None
                 accepted = accepted_pieces(draft.pieces, resp.accepted_bytes)
+                # The generation's first draft pays the prompt's prefill: a one-off the controller
+                # leaves out. A later catch-up (text committed by rounds without a draft) is the
+                # price of switching to drafting, and counts.
+                first_draft = result.draft_tokens == 0
                 self._account(result, draft, accepted)
                 length.observe(len(draft.pieces), resp.draft_tokens)
                 result.ids += resp.ids
@@ -420,7 +427,7 @@ class Agent:
                     self.controller.observe(len(draft.pieces), accepted, draft.confidences, draft_s, latency,
                                             resp.server_s, resp.draft_tokens, draft.ready, len(resp.ids),
                                             time.perf_counter() - t_start, chained=future is not None,
-                                            prefill_s=draft.prefill_s)
+                                            prefill_s=draft.prefill_s if first_draft else 0.0, asked=asked)
                 hint, round_no = resp.draft_hint, round_no + 1
                 held = [c for c in chains if c.follows(resp)]
                 result.stale_rounds += len(chains) - len(held)  # their bets lost

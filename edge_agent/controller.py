@@ -47,10 +47,12 @@ it goes on probing short instead of drafting the hint, and it ends there once ``
 rounds say so. No measured rate rules drafting out before ``MIN_SAMPLES`` rounds stand behind it:
 a single probe that was rejected, or that paid the drafter's prefill, is one sample, not a verdict.
 The drafter's prefill (the prompt, or text committed while it did not draft) is kept out of the
-step time and of the drafted rounds' wall time: it is the price of starting, not of a step. While
-rounds without a draft measure faster, the explorations come four times less often, and each
-still drafts (at least a probe), so that drafting keeps being measured at a bounded cost: one
-short draft in every ``EXPLORE_EVERY * PLAIN_BACKOFF`` rounds.
+step time: it is not a step. The prompt's prefill is kept out of the first drafted round's wall
+time too (a one-off); a later catch-up is what switching to drafting costs, and counts. While
+rounds without a draft measure faster, the explorations come four times less often, and half as
+often again after each one that confirms it (down to one in ``MAX_EXPLORE_EVERY`` rounds), and
+each still drafts (at least a probe): drafting keeps being measured, at a cost that shrinks as the
+evidence grows.
 
 It also learns a confidence threshold: the acceptance of drafted tokens binned by the drafter's own
 top probability. A draft stops at the first token whose bin accepts less than ``min_acceptance``
@@ -74,6 +76,7 @@ PLAIN_CHECK_GAIN = 1.3  # drafted rounds measuring below this gain over no draft
 PLAIN_EVERY = 8  # and every 8th round (offset from the exploration) sends no draft
 MIN_CHAINED_DRAFT = 2  # a chained round drafts at least this many tokens after its bet
 MIN_SAMPLES = 3  # rounds of a kind measured before their rate may rule drafting out
+MAX_EXPLORE_EVERY = 256  # the rarest explorations, once rounds without a draft keep measuring faster
 
 
 def chained_draft(k: int) -> int:
@@ -143,7 +146,10 @@ class DraftController:
     warmup: _Throughput = field(default_factory=_Throughput)  # and rounds that drafted the hint (warm-up, exploration)
     decisions: int = 0
     observed: int = 0  # rounds with a draft, measured
-    forced: bool = False  # the last round drafted the hint, not a length of the controller's choosing
+    forced: bool = False  # the last round was a warm-up or an exploration, not the model's choice
+    warmup_k: int = 0  # the length of the last such round
+    since_explore: int = 0  # rounds since the last exploration
+    backoff: int = 1  # explorations that found rounds without a draft faster, as a factor (1, 2, 4, ...)
 
     def __post_init__(self) -> None:
         self.reached = self.reached or [0.0] * self.cap
@@ -162,7 +168,7 @@ class DraftController:
 
     def observe(self, drafted: int, accepted: int, confidences: list[float], draft_s: float, latency_s: float,
                 server_s: float, target_tokens: int, ready: int = 0, committed: int = 0,
-                wall_s: float = 0.0, chained: bool = False, prefill_s: float = 0.0) -> None:
+                wall_s: float = 0.0, chained: bool = False, prefill_s: float = 0.0, asked: int | None = None) -> None:
         """One round: ``drafted`` drafter tokens sent, the first ``accepted`` of them accepted, each
         drafted with the drafter's ``confidences``; ``draft_s`` of drafting that the round waited
         for (``ready`` of the tokens were drafted ahead, at no cost), ``latency_s`` from sending to
@@ -170,13 +176,15 @@ class DraftController:
         ``committed`` target tokens in ``wall_s`` of the device's time, all included. A ``chained``
         round waited in the verifier behind the round before it: its times say nothing of the
         link's or the verifier's, only its acceptance and throughput count. ``prefill_s`` of the
-        drafting time was the drafter's catch-up on context: left out of both the step time and
-        the round's wall time."""
+        drafting time was the drafter's catch-up on context: left out of the step time, and of
+        the wall time (the agent passes it where it is a one-off: the prompt's prefill). ``asked``:
+        the draft length chosen (default ``drafted``): a draft that the confidence threshold cut to
+        nothing still cost its drafting, so the round counts as a drafted one."""
         draft_s, wall_s = max(draft_s - prefill_s, 0.0), max(wall_s - prefill_s, 0.0)
         if wall_s > 0:
-            kind = (self.warmup if self.forced else self.drafting) if drafted else self.plain
+            kind = (self.warmup if self.forced else self.drafting) if drafted or asked else self.plain
             kind.observe(committed, wall_s)
-        self.observed += drafted > 0
+        self.observed += (drafted or asked or 0) > 0  # a draft the threshold cut to nothing counts: it was tried
         for j in range(min(drafted, self.cap)):
             if j > accepted:
                 break  # never reached: an earlier token was rejected
@@ -234,13 +242,16 @@ class DraftController:
 
     def choose(self, hint: int, free_steps: int = 0) -> Decision:
         """The draft length (drafter tokens, at most ``hint`` and ``cap``) with the most expected
-        committed tokens per second; the hint until ``WARMUP_ROUNDS`` drafts are measured (a
-        round or two of evidence would swing it; fewer where those already lose to the predicted
-        rounds without a draft), after a first probe of ``PROBE_DRAFT`` tokens (a 10-token draft
-        of a slow board costs several rounds without one, before anything says whether drafting
-        pays), and every ``EXPLORE_EVERY``-th round (so that
-        long drafts stay measured; while rounds without a draft are faster, that round drafts the
-        best length instead, to keep drafted rounds measured at a small cost)."""
+        committed tokens per second. Until ``WARMUP_ROUNDS`` drafts are measured (a round or two of
+        evidence would swing the model), the warm-up decides instead: a first probe of
+        ``PROBE_DRAFT`` tokens (a 10-token draft of a slow board costs several rounds without one,
+        before anything says whether drafting pays), then twice the last warm-up length while the
+        warm-up measures faster than rounds without a draft are predicted to be, the probe again
+        while it does not; it ends early once ``MIN_SAMPLES`` rounds say it loses. Every
+        ``EXPLORE_EVERY``-th round explores: twice the best length (so that longer drafts stay
+        measured, at a bounded cost), or while rounds without a draft are faster, at least a probe,
+        every ``EXPLORE_EVERY * PLAIN_BACKOFF``-th round and half as often after each exploration
+        that confirms it (at most ``MAX_EXPLORE_EVERY`` rounds apart)."""
         limit = min(hint, self.cap)
         threshold = self.threshold()
         self.decisions += 1
@@ -248,13 +259,26 @@ class DraftController:
         warming = self.step_s is None or self.rtt_s is None or (
             self.observed < WARMUP_ROUNDS and not (self.warmup.settled and self.warmup_loses(reaches)))
         plain_faster = self.plain_measures_faster()
-        explore = self.decisions % (EXPLORE_EVERY * (PLAIN_BACKOFF if plain_faster else 1)) == 0
-        self.forced = warming or (explore and not plain_faster)
+        if not plain_faster:
+            self.backoff = 1
+        every = min(EXPLORE_EVERY * (PLAIN_BACKOFF * self.backoff if plain_faster else 1), MAX_EXPLORE_EVERY)
+        self.since_explore += 1
+        explore = self.since_explore >= every
+        if explore:
+            self.since_explore = 0
+            self.backoff *= 2 if plain_faster else 1
         probe = min(limit, PROBE_DRAFT)
-        if self.forced:
-            k = probe if self.observed == 0 or self.warmup_loses(reaches) else limit
-            return Decision(k, hint, self.expected_tokens(k), math.nan, threshold)
         best = max(range(limit + 1), key=lambda k: (self.rate(k, limit, reaches, free_steps), -k))
+        self.forced = warming or (explore and not plain_faster)
+        if self.forced:
+            if not warming:
+                k = min(limit, max(2 * best, probe))
+            elif self.observed == 0 or self.warmup_loses(reaches):
+                k = probe
+            else:
+                k = min(limit, 2 * max(self.warmup_k, PROBE_DRAFT))
+            self.warmup_k = k
+            return Decision(k, hint, self.expected_tokens(k), math.nan, threshold)
         if explore:  # plain measures faster: still a short draft now and then, to keep measuring it
             best = max(best, probe)
         drafted = self.drafting.rate

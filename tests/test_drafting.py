@@ -19,7 +19,8 @@ def test_a_short_probe_then_the_hint_decides_before_the_timings_do():
     c = DraftController(cap=10)
     assert c.choose(6).k == PROBE_DRAFT and c.choose(1).k == 1  # nothing measured yet: a probe, within the hint
     feed(c, 1, drafted=PROBE_DRAFT, accepted=1, step_ms=5, rtt_ms=80, server_ms=20)
-    assert c.choose(6).k == 6 and c.choose(20).k == 10
+    # the probe paid (a slow link): the warm-up doubles its length, within the hint and the cap
+    assert c.choose(3).k == 3 and c.choose(20).k == 6 and c.choose(20).k == 10
 
 
 def test_a_slow_link_and_good_acceptance_ask_for_long_drafts():
@@ -111,7 +112,7 @@ def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_on
     """A slow drafter (20 ms a step) next to a GPU-timed verifier on a short link: the first
     round's short probe already measures slower than a round without a draft is predicted to be,
     so the controller never drafts the hint's 10 tokens (each such round would cost ~9 rounds
-    without a draft). A fast drafter warms up for all 8 rounds, the hint after the probe."""
+    without a draft). A fast drafter warms up for all 8 rounds, doubling up to the hint."""
     def first_choices(step_ms: float) -> list[int]:
         c, ks = DraftController(cap=10), []
         for _ in range(8):
@@ -123,7 +124,7 @@ def test_the_warm_up_ends_early_where_the_hints_drafts_lose_to_rounds_without_on
 
     slow, fast = first_choices(20.0), first_choices(0.5)
     assert slow[0] == PROBE_DRAFT and max(slow[1:]) < 10, slow
-    assert fast == [PROBE_DRAFT] + [10] * 7, fast
+    assert fast == [PROBE_DRAFT, 4, 8] + [10] * 5, fast  # doubling up to the hint
 
 
 def _simulate(c: DraftController, rounds: int, accept: float, step_ms: float, rtt_ms: float, server_ms: float,
@@ -157,7 +158,7 @@ def test_an_unlucky_first_probe_does_not_end_drafting():
     ks = _simulate(DraftController(cap=10, lookahead=True), 64, accept=0.8, step_ms=8, rtt_ms=80, server_ms=22,
                    prefill_ms=150, unlucky_first=True)
     assert ks[0] == PROBE_DRAFT
-    assert sum(k > 0 for k in ks[16:]) >= 44 and sum(ks[16:]) / 48 >= 3, ks
+    assert sum(k > 0 for k in ks[16:]) >= 44 and sum(ks[16:]) / 48 >= 2, ks
 
 
 def test_a_single_drafted_round_never_rules_drafting_out():
