@@ -39,6 +39,7 @@ class OracleDrafter:
         self.tokenizer = ByteTokenizer()
         self.wrong = wrong
         self.tokens: list[int] = []
+        self.prefill_s = 0.0  # no context to catch up on: its tokens cost nothing
 
     def start(self, prompt: str | None, messages: object) -> None:
         assert prompt is not None
